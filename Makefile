@@ -1,0 +1,41 @@
+# samplebench: `make demo` and `make test` work on a fresh machine (they build .venv first).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN    ?= demo
+ARGS   ?=
+
+.PHONY: install demo test lint sweep report bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install ## the default sweep (5 samplers x 3 NFE x 1000 samples on the exact analytic model)
+	$(BIN)/samplebench sweep run=$(RUN) $(ARGS)
+	@echo "report: results/$(RUN)/leaderboard.md and results/$(RUN)/plots/"
+
+test: install ## the whole test suite, CPU only
+	$(BIN)/ruff check samplebench tests bench
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check samplebench tests bench
+	$(BIN)/ruff format --check samplebench tests bench
+
+sweep: install ## make sweep ARGS="sampler=ddim,dpmpp nfe=5,10 run=mine"
+	$(BIN)/samplebench sweep $(ARGS)
+
+report: install ## make report RUN=demo
+	$(BIN)/samplebench report run=$(RUN)
+
+bench: install ## benchmarks (not tests); figures go to BENCHMARKS.md
+	$(BIN)/python bench/bench_generate.py
+
+clean:
+	find results -mindepth 1 -maxdepth 1 ! -name baselines ! -name README.md -exec rm -rf {} +

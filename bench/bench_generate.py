@@ -1,0 +1,61 @@
+"""Benchmark (not a test): the default sweep end to end, and per cell the wall time of sampling and
+the share of it spent inside model calls (the rest is solver overhead: scheduler arithmetic,
+noise, guidance bookkeeping). Prints markdown for BENCHMARKS.md.
+
+    .venv/bin/python bench/bench_generate.py [extra overrides...]
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from samplebench import store
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main(extra: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "samplebench.cli", "sweep", "run=bench", f"results_dir={tmp}", *extra]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        total = time.perf_counter() - start
+        rows = []
+        for cell in store.find_cells(Path(tmp) / "bench"):
+            shards = list(cell.iter_shards())
+            wall = sum(float(s["batch_seconds"].sum()) for s in shards)
+            inside = sum(float(s["batch_model_seconds"].sum()) for s in shards)
+            n = sum(int(s["batch_sizes"].sum()) for s in shards)
+            nfe = int(np.concatenate([s["nfe"] for s in shards]).max())
+            rows.append((cell.info["sampler_label"], cell.info["nfe"], nfe, n, wall, inside / wall))
+    print(f"Machine: {machine()}\n")
+    print(f"Default sweep `samplebench sweep {' '.join(extra)}` end to end (process start, generation, "
+          f"metrics with cached ODE references cold, report): **{total:.1f} s**\n")
+    print("| sampler | NFE asked | NFE counted | samples | sampling wall s | share inside model calls |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for sampler, nfe, counted, n, wall, share in sorted(rows):
+        print(f"| {sampler} | {nfe} | {counted} | {n} | {wall:.3f} | {share:.0%} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

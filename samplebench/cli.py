@@ -1,0 +1,149 @@
+"""samplebench's command line: sweep = generate + metrics + report, each also runnable alone."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from samplebench.errors import UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark diffusion and flow model samplers. Arguments are Hydra overrides: "
+                       "key=value, comma lists sweep (sampler=ddim,dpmpp nfe=5,10,20).")
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. model=gmm sampler=ddim,dpmpp nfe=5,10 run=demo")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _run_dir(overrides: list[str]) -> tuple[Path, dict]:
+    """results_dir/run and the metrics config from overrides, for the stages that read a run."""
+    from omegaconf import OmegaConf
+
+    from samplebench.config import _compose, _check_override, validate
+
+    base = _compose([])
+    for o in overrides:
+        _check_override(o.split("=")[0], [], base)
+    cfg = OmegaConf.to_container(_compose(list(overrides)), resolve=True)
+    validate(cfg)
+    return Path(cfg["results_dir"]) / cfg["run"], cfg["metrics"]
+
+
+def _generate(overrides: list[str]):
+    from samplebench.config import plan
+    from samplebench.generate import generate
+
+    cells = plan(overrides)
+    summary = generate(cells, err)
+    err.print(f"generated {summary.shards_written} shards, {summary.shards_skipped} already finished, "
+              f"{summary.cells} cells in {summary.run_dir}")
+    return cells, summary
+
+
+def _metrics(run_dir: Path, metrics_cfg: dict):
+    from samplebench.metrics.run import compute_metrics
+
+    df = compute_metrics(run_dir, metrics_cfg, err)
+    err.print(f"{len(df)} metric rows in {run_dir / 'metrics.csv'}")
+    return df
+
+
+def _report(run_dir: Path) -> list[Path]:
+    from samplebench.report.build import build_report
+
+    return build_report(run_dir, out)
+
+
+@app.command()
+def sweep(overrides: list[str] = OVERRIDES) -> None:
+    """Plan, generate, score and report a sweep in one go."""
+    start = time.perf_counter()
+    cells, summary = _generate(overrides or [])
+    cfg = cells[0].config
+    files = [summary.run_dir / "metrics.csv"]
+    _metrics(summary.run_dir, cfg["metrics"])
+    files += _report(summary.run_dir)
+    err.print(f"done in {time.perf_counter() - start:.1f} s. Files:")
+    for f in files:
+        err.print(f"  {f}")
+
+
+@app.command()
+def generate(overrides: list[str] = OVERRIDES) -> None:
+    """Generate the samples of a sweep (skips finished shards)."""
+    _generate(overrides or [])
+
+
+@app.command()
+def metrics(overrides: list[str] = OVERRIDES) -> None:
+    """Score a generated run: samplebench metrics run=NAME."""
+    run_dir, metrics_cfg = _run_dir(overrides or [])
+    _metrics(run_dir, metrics_cfg)
+
+
+@app.command()
+def report(overrides: list[str] = OVERRIDES) -> None:
+    """Leaderboards and Pareto plots of a scored run: samplebench report run=NAME."""
+    run_dir, _ = _run_dir(overrides or [])
+    for f in _report(run_dir):
+        err.print(f"  {f}")
+
+
+@app.command("list")
+def list_(what: str = typer.Argument("samplers", help="samplers, models or metrics")) -> None:
+    """List registered samplers (with their NFE rule), models or metrics."""
+    from samplebench.config import group_choices
+
+    if what == "samplers":
+        from samplebench.samplers import SAMPLERS
+
+        table = Table(title="samplers (NFE for N solver steps)")
+        for col in ("name", "algorithm", "type", "NFE", "source"):
+            table.add_column(col)
+        for s in SAMPLERS.values():
+            table.add_row(s.name, s.title, s.kind, str(s.nfe_rule), s.source)
+        out.print(table)
+    elif what in ("models", "metrics"):
+        for name in group_choices(what.rstrip("s") if what == "models" else "metrics"):
+            out.print(name)
+    else:
+        raise UsageError(f"cannot list '{what}'; choose samplers, models or metrics")
+
+
+def main() -> None:
+    """Entry point: user errors become one line and exit code 2 (tracebacks with --debug)."""
+    try:
+        app(standalone_mode=False)
+    except UsageError as e:
+        if _state["debug"]:
+            raise
+        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")  # one line, never wrapped
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("interrupted; finished shards are kept, re-run to resume")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            sys.stderr.write(f"error: {' '.join(e.format_message().split())}\n")
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Hydra configuration: overrides in, one resolved config per sweep cell out.
+
+Hydra's compose API builds each config; comma lists and the default sweep in
+conf/config.yaml (hydra.sweeper.params) are expanded here into cells, so one worker can serve
+every cell of a model instead of one process per sweep point.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from samplebench.errors import UsageError
+
+GROUPS = ("model", "sampler", "metrics")
+
+
+def conf_dir() -> Path:
+    """conf/ at the repository root, or $SAMPLEBENCH_CONF."""
+    env = os.environ.get("SAMPLEBENCH_CONF")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One sweep point: a model, a sampler with its options, an NFE budget and a guidance scale."""
+
+    model_label: str
+    sampler_label: str
+    nfe: int
+    guidance: float
+    model: dict[str, Any] = field(hash=False, compare=False)
+    sampler: dict[str, Any] = field(hash=False, compare=False)
+    config: dict[str, Any] = field(hash=False, compare=False)
+
+    @property
+    def rel_dir(self) -> Path:
+        return Path(self.model_label) / self.sampler_label / f"nfe={self.nfe}" / f"cfg={self.guidance:g}"
+
+    @property
+    def config_hash(self) -> str:
+        """Identity of everything that changes the samples (not where they are written)."""
+        keys = ("model", "sampler", "nfe", "guidance", "seed", "allow_lower_nfe")
+        ident = {k: self.config[k] for k in keys}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def model_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _label(name: str, chosen: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """`dpmpp`, or `dpmpp[solver_order=3]` when options differ from the group file."""
+    diff = [f"{k}={chosen[k]}" for k in sorted(chosen) if k != "name" and chosen[k] != defaults.get(k)]
+    return f"{name}[{','.join(diff)}]" if diff else name
+
+
+def _check_override(key: str, values: list[str], base: DictConfig) -> None:
+    """One-line errors for unknown keys and choices, listing what is valid."""
+    key = key.lstrip("+~")
+    top = key.split(".")[0]
+    if key in GROUPS:
+        valid = group_choices(key)
+        for v in values:
+            if v not in valid:
+                raise UsageError(f"{key}={v} is unknown{_suggest(v, valid)}; choose one of {', '.join(valid)}")
+        return
+    valid_top = sorted(k for k in base.keys() if k != "hydra")
+    if top not in valid_top:
+        raise UsageError(f"unknown key '{key}'{_suggest(top, valid_top)}; valid keys: {', '.join(valid_top)}")
+
+
+def _check_nested(key: str, cfg: DictConfig) -> None:
+    head, _, rest = key.partition(".")
+    if rest and head in GROUPS:
+        node = cfg[head]
+        if rest.split(".")[0] not in node:
+            valid = sorted(k for k in node.keys() if k != "name")
+            choice = node.get("name", head)
+            raise UsageError(
+                f"unknown key '{key}' for {head}={choice}{_suggest(rest, valid)}; valid keys: {', '.join(valid)}"
+            )
+
+
+def plan(overrides: list[str]) -> list[Cell]:
+    """Expand command-line overrides (and the default sweep) into cells."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as e:
+        raise UsageError(f"cannot parse overrides: {str(e).splitlines()[0]}") from e
+    base = _compose([], hydra_config=True)
+    params = dict(OmegaConf.to_container(base.hydra.sweeper.params or {}, resolve=True))
+    given = {o.get_key_element(): o for o in parsed}
+    axes: list[list[str]] = []
+    for key, spec in params.items():
+        if key not in given:
+            vals = [v.strip() for v in str(spec).split(",")]
+            axes.append([f"{key}={v}" for v in vals])
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            vals = list(o.sweep_string_iterator())
+            _check_override(key, vals, base)
+            axes.append([f"{key}={v}" for v in vals])
+        else:
+            if o.value() is not None and key.lstrip("+~") in GROUPS:
+                _check_override(key, [str(o.value())], base)
+            else:
+                _check_override(key, [], base)
+            axes.append([o.input_line])
+    cells: list[Cell] = []
+    for combo in itertools.product(*axes):
+        try:
+            cfg = _compose(list(combo))
+        except HydraException as e:
+            choices = [item for item in combo if item.split("=")[0].lstrip("+~") in GROUPS]
+            groups_only = _compose(choices)
+            for item in combo:
+                _check_nested(item.split("=")[0].lstrip("+~"), groups_only)
+            raise UsageError(" ".join(str(e).split())) from e
+        cells.append(_make_cell(cfg))
+    seen: dict[Path, Cell] = {}
+    for c in cells:
+        if c.rel_dir in seen and seen[c.rel_dir].config_hash != c.config_hash:
+            raise UsageError(f"two cells of this sweep map to {c.rel_dir}; give them different options")
+        seen[c.rel_dir] = c
+    return list(seen.values())
+
+
+def _make_cell(cfg: DictConfig) -> Cell:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    validate(c)
+    model_default = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{c['model']['name']}.yaml"))
+    sampler_default = OmegaConf.to_container(
+        OmegaConf.load(conf_dir() / "sampler" / f"{c['sampler']['name']}.yaml")
+    )
+    return Cell(
+        model_label=_label(c["model"]["name"], c["model"], model_default),
+        sampler_label=_label(c["sampler"]["name"], c["sampler"], sampler_default),
+        nfe=c["nfe"],
+        guidance=float(c["guidance"]),
+        model=c["model"],
+        sampler=c["sampler"],
+        config=c,
+    )
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def validate(c: dict[str, Any]) -> None:
+    """Types and ranges of the top-level keys, each a one-line error."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(c["nfe"]) or c["nfe"] <= 0:
+        raise UsageError(f"nfe={c['nfe']} must be a positive integer (model evaluations per sample), e.g. nfe=10")
+    g = c["guidance"]
+    if isinstance(g, bool) or not isinstance(g, int | float) or g < 0:
+        raise UsageError(f"guidance={g} must be a number >= 0 (1 = no guidance), e.g. guidance=7.5")
+    for key in ("num_images", "batch_size", "shard_size"):
+        if not is_int(c[key]) or c[key] <= 0:
+            raise UsageError(f"{key}={c[key]} must be a positive integer")
+    if not is_int(c["seed"]) or c["seed"] < 0:
+        raise UsageError(f"seed={c['seed']} must be a non-negative integer")
+    if not isinstance(c["run"], str) or not _RUN_NAME.match(c["run"]):
+        raise UsageError(f"run={c['run']} must be a plain folder name (letters, digits, '_', '-', '.')")
+    if not isinstance(c["allow_lower_nfe"], bool):
+        raise UsageError("allow_lower_nfe must be true or false")

@@ -1,0 +1,1 @@
+"""Metrics: each declares its direction; rows go to results/<run>/metrics.csv."""

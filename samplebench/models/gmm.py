@@ -1,0 +1,147 @@
+"""An exact diffusion model: data from a Gaussian mixture, noised by a diffusers beta schedule.
+
+With x_t = a x_0 + s n and y = x_t / a = x_0 + sigma n (sigma = s / a), y given component k is
+N(mu_k, S_k + sigma^2 I). Tweedie's formula gives the exact noise prediction
+eps(y, sigma) = -sigma * grad_y log p_sigma(y), conditional on k or for the whole mixture, so
+classifier-free guidance eps_u + w (eps_c - eps_u) behaves exactly as it does for image models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from samplebench.errors import UsageError
+from samplebench.seeds import STREAM_CONDITION, generator
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """The mixture and its noise schedule, as configured under `model.`."""
+
+    dim: int = 16
+    components: int = 8
+    spread: float = 3.0  # standard deviation of the component means
+    scale: float = 1.0  # largest standard deviation inside a component
+    min_scale: float = 0.5  # smallest standard deviation inside a component
+    seed: int = 0
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+
+
+class GaussianMixtureModel:
+    """Class-conditional exact model. Label -1 means unconditional (the whole mixture)."""
+
+    prediction_type = "epsilon"
+
+    def __init__(self, spec: MixtureSpec, device: torch.device, dtype: torch.dtype = torch.float64):
+        if spec.beta_schedule not in BETA_SCHEDULES:
+            raise UsageError(
+                f"model.beta_schedule={spec.beta_schedule} is not a diffusers beta schedule; "
+                f"choose one of {', '.join(BETA_SCHEDULES)}"
+            )
+        if spec.dim < 1 or spec.components < 1:
+            raise UsageError("model.dim and model.components must be positive integers")
+        self.spec = spec
+        self.name = "gmm"
+        self.device = device
+        self.dtype = dtype
+        self.sample_shape = (spec.dim,)
+        self.num_classes = spec.components
+        rng = np.random.default_rng(spec.seed)
+        d, k = spec.dim, spec.components
+        means = rng.normal(0.0, spec.spread, size=(k, d))
+        rotations = np.stack([np.linalg.qr(rng.normal(size=(d, d)))[0] for _ in range(k)])
+        stds = np.exp(rng.uniform(np.log(spec.min_scale), np.log(spec.scale), size=(k, d)))
+        weights = rng.dirichlet(np.full(k, 5.0))
+        f64 = dict(dtype=torch.float64, device=device)
+        self.means = torch.tensor(means, **f64)
+        self.rotations = torch.tensor(rotations, **f64)  # columns are eigenvectors of S_k
+        self.eigenvalues = torch.tensor(stds**2, **f64)
+        self.weights = torch.tensor(weights, **f64)
+        schedule = DDPMScheduler(**self.scheduler_config())
+        # The scheduler's own (float32) values, so model and solver agree on every training timestep.
+        self.alphas_cumprod = schedule.alphas_cumprod.to(torch.float64)
+
+    def scheduler_config(self) -> dict[str, Any]:
+        s = self.spec
+        return dict(
+            num_train_timesteps=s.num_train_timesteps,
+            beta_start=s.beta_start,
+            beta_end=s.beta_end,
+            beta_schedule=s.beta_schedule,
+            prediction_type="epsilon",
+        )
+
+    # -- closed forms -------------------------------------------------------------------------
+    def covariances(self) -> torch.Tensor:
+        """S_k = U_k diag(lambda_k) U_k^T, shape (K, D, D)."""
+        u = self.rotations
+        return u @ torch.diag_embed(self.eigenvalues) @ u.transpose(-1, -2)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and covariance of the whole mixture, in closed form."""
+        w = self.weights
+        mean = (w[:, None] * self.means).sum(0)
+        second = (w[:, None, None] * (self.covariances() + self.means[:, :, None] * self.means[:, None, :])).sum(0)
+        return mean, second - mean[:, None] * mean[None, :]
+
+    def sample_data(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n exact draws from the mixture and their component labels."""
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=g)
+        z = torch.randn(n, self.spec.dim, generator=g, dtype=torch.float64).to(self.device)
+        labels = labels.to(self.device)
+        x = self.means[labels] + (self.rotations[labels] @ (self.eigenvalues[labels].sqrt() * z)[..., None])[..., 0]
+        return x, labels
+
+    def _component_terms(self, y: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per component: log pi_k + log N(y; mu_k, S_k + sigma^2 I), and (S_k + sigma^2 I)^-1 (y - mu_k)."""
+        z = torch.einsum("kdc,bkd->bkc", self.rotations, y[:, None, :] - self.means[None])  # U^T (y - mu)
+        var = self.eigenvalues[None] + (sigma**2)[:, None, None]  # (B, K, D)
+        log_n = -0.5 * ((z**2 / var).sum(-1) + var.log().sum(-1) + self.spec.dim * math.log(2 * math.pi))
+        precision_times = torch.einsum("kdc,bkc->bkd", self.rotations, z / var)
+        return self.weights.log()[None] + log_n, precision_times
+
+    def log_density(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """log p_sigma(y) of the noised mixture (VE scale)."""
+        logits, _ = self._component_terms(y, sigma)
+        return torch.logsumexp(logits, dim=-1)
+
+    def eps_ve(self, y: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Exact eps at VE input y; labels >= 0 select a component, -1 the whole mixture."""
+        logits, prec = self._component_terms(y, sigma)
+        resp = torch.softmax(logits, dim=-1)
+        onehot = torch.nn.functional.one_hot(labels.clamp(min=0), self.spec.components).to(resp.dtype)
+        resp = torch.where((labels >= 0)[:, None], onehot, resp)
+        return sigma[:, None] * (resp[..., None] * prec).sum(1)
+
+    # -- the model protocol ---------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x64 = x.to(torch.float64)
+        sigma = sigma.to(device=x.device, dtype=torch.float64).expand(x.shape[0])
+        y = x64 * (1 + sigma**2).sqrt()[:, None]
+        return self.eps_ve(y, sigma, cond).to(x.dtype)
+
+    def conditions(self, indices: list[int], seed: int) -> torch.Tensor:
+        w = self.weights.cpu()
+        labels = [int(torch.multinomial(w, 1, generator=generator(seed, i, STREAM_CONDITION))) for i in indices]
+        return torch.tensor(labels, dtype=torch.long, device=self.device)
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(cond, -1)
+
+    def cat_conditions(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, b])
+
+    def describe_condition(self, cond: torch.Tensor) -> list[str]:
+        return [f"component {int(c)}" for c in cond]

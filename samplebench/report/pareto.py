@@ -1,0 +1,193 @@
+"""Cost/quality Pareto fronts and the metric-vs-NFE and metric-vs-time plots that show them.
+
+A sampler is only worth using at a budget if no other configuration is both cheaper and better; the
+front makes that visible across samplers, independent of how each sampler spaces its NFE budgets.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
+
+from samplebench.report import lower_is_better, require_columns
+
+PLOT_COLUMNS: tuple[str, ...] = (
+    "model",
+    "sampler",
+    "guidance",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "sec_per_image",
+    "nfe_actual",
+)
+X_AXES: dict[str, tuple[str, str]] = {
+    # file suffix -> (column, axis label)
+    "nfe": ("nfe_actual", "model evaluations per sample (counted NFE, log scale)"),
+    "time": ("sec_per_image", "generation seconds per sample (log scale)"),
+}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p")
+DPI = 150
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices (ascending) of the points no other point dominates, minimising both x (cost) and y (error).
+
+    q dominates p when q <= p in both coordinates and q < p in at least one, so exact duplicates do not
+    dominate each other and are all kept. Points with a NaN coordinate are never on the front and dominate
+    nothing. O(n log n): sort by (x, y) and sweep, keeping the lowest y seen at strictly smaller x.
+    """
+    pts = [(float(x), float(y)) for x, y in points]
+    order = sorted(
+        (i for i, (x, y) in enumerate(pts) if not (math.isnan(x) or math.isnan(y))), key=pts.__getitem__
+    )
+    front: list[int] = []
+    best_y_before = math.inf  # lowest y among points with strictly smaller x
+    start = 0
+    while start < len(order):
+        x = pts[order[start]][0]
+        stop = start
+        while stop < len(order) and pts[order[stop]][0] == x:
+            stop += 1
+        # Within one x the group is sorted by y: only the group's minimum-y points can survive.
+        group_min = pts[order[start]][1]
+        if group_min < best_y_before:
+            front.extend(i for i in order[start:stop] if pts[i][1] == group_min)
+            best_y_before = group_min
+        start = stop
+    return sorted(front)
+
+
+def _safe_name(metric: str) -> str:
+    """File-system-safe stem, so a metric name can never escape out_dir."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric).strip(".") or "metric"
+
+
+def _error_bars(facet: pd.DataFrame) -> np.ndarray:
+    """Asymmetric yerr from the CI; a missing or inverted bound draws no bar on that side."""
+    value = facet["value"].to_numpy(float)
+    below = np.nan_to_num(value - facet["ci_low"].to_numpy(float), nan=0.0).clip(min=0.0)
+    above = np.nan_to_num(facet["ci_high"].to_numpy(float) - value, nan=0.0).clip(min=0.0)
+    return np.vstack([below, above])
+
+
+def _draw_facet(
+    ax: Axes, facet: pd.DataFrame, x_col: str, styles: dict[str, tuple[Any, str]], lower: bool
+) -> None:
+    """Per-sampler lines with CI bars, then the facet's Pareto front over all samplers on top."""
+    for sampler, rows in facet.groupby("sampler", sort=True):
+        rows = rows.sort_values(x_col)
+        colour, marker = styles[str(sampler)]
+        ax.errorbar(
+            rows[x_col],
+            rows["value"],
+            yerr=_error_bars(rows),
+            color=colour,
+            marker=marker,
+            markersize=5,
+            linewidth=1.5,
+            capsize=3,
+            elinewidth=1,
+        )
+    xs = facet[x_col].to_numpy(float)
+    ys = facet["value"].to_numpy(float)
+    front = pareto_front(list(zip(xs, ys if lower else -ys, strict=True)))
+    if front:
+        idx = sorted(front, key=lambda i: (xs[i], ys[i]))
+        ax.step(xs[idx], ys[idx], where="post", color="black", linestyle="--", linewidth=1.2, zorder=4)
+        ax.scatter(xs[idx], ys[idx], s=160, facecolors="none", edgecolors="black", linewidths=1.3, zorder=5)
+    ax.set_xscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ticks = np.unique(xs[np.isfinite(xs)])
+    if x_col == "nfe_actual" and 0 < len(ticks) <= 12:
+        # NFE budgets are few and meaningful: label them as plain numbers instead of 4x10^0.
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _plot_one(df: pd.DataFrame, metric: str, suffix: str, out_dir: Path) -> Path:
+    """One figure: rows = models, columns = guidance values."""
+    x_col, x_label = X_AXES[suffix]
+    lower = lower_is_better(metric)
+    # Log axes cannot show x <= 0 (e.g. an unmeasured time); drop those points rather than crash.
+    data = df[np.isfinite(df[x_col].astype(float)) & (df[x_col].astype(float) > 0)]
+    models = sorted(df["model"].astype(str).unique())
+    guidances = sorted(df["guidance"].astype(float).unique())
+    samplers = sorted(df["sampler"].astype(str).unique())
+    styles = _styles(samplers)
+
+    fig = Figure(figsize=(4.8 * len(guidances) + 2.2, 4.0 * len(models)), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(models), len(guidances), squeeze=False)
+    direction = "lower" if lower else "higher"
+    for r, model in enumerate(models):
+        for c, guidance in enumerate(guidances):
+            ax = axes[r][c]
+            facet = data[(data["model"].astype(str) == model) & (data["guidance"].astype(float) == guidance)]
+            title = f"guidance = {guidance:g}"
+            ax.set_title(title if len(models) == 1 else f"{model} · {title}")
+            if facet.empty:
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+                continue
+            _draw_facet(ax, facet, x_col, styles, lower)
+            ax.set_xlabel(x_label)
+            if c == 0:
+                ax.set_ylabel(f"{metric} ({direction} is better)")
+    handles = [
+        Line2D([], [], color=styles[s][0], marker=styles[s][1], linewidth=1.5, label=s) for s in samplers
+    ]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            color="black",
+            linestyle="--",
+            marker="o",
+            markerfacecolor="none",
+            markersize=9,
+            label="Pareto front",
+        )
+    )
+    fig.suptitle(f"{metric} vs {'NFE' if suffix == 'nfe' else 'time'} (error bars: 95% CI)")
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    path = out_dir / f"{_safe_name(metric)}_vs_{suffix}.png"
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def _styles(samplers: list[str]) -> dict[str, tuple[Any, str]]:
+    """(colour, marker) per sampler, fixed across facets and both figures so a sampler is recognisable."""
+    cmap = colormaps["tab10" if len(samplers) <= 10 else "tab20"]
+    return {s: (cmap(i % cmap.N), MARKERS[i % len(MARKERS)]) for i, s in enumerate(samplers)}
+
+
+def plot_metric(df: pd.DataFrame, metric: str, out_dir: Path) -> list[Path]:
+    """Write <metric>_vs_nfe.png and <metric>_vs_time.png into out_dir and return their paths.
+
+    Uses the Agg canvas directly (no pyplot), so it neither needs a display nor touches global state.
+    One facet per guidance value (and one row per model if the table holds several); the Pareto front is
+    computed on -value when higher is better.
+    """
+    require_columns(df, PLOT_COLUMNS)
+    lower_is_better(metric)  # unknown metric: fail before writing anything
+    rows = df[df["metric"] == metric]
+    if rows.empty:
+        available = ", ".join(sorted(df["metric"].astype(str).unique()))
+        raise ValueError(f"no rows for metric {metric!r} (available: {available})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [_plot_one(rows, metric, suffix, out_dir) for suffix in X_AXES]

@@ -1,0 +1,130 @@
+"""Run layout on disk: atomic writes, shards, and "is this finished".
+
+    results/<run>/
+      <model>/<sampler>/nfe=<n>/cfg=<g>/cell.json      resolved config and its hash
+      <model>/<sampler>/nfe=<n>/cfg=<g>/shard-<first>-<last>.npz
+      metrics.csv, metrics.protocol.json, leaderboard.md, plots/
+
+A shard is written to a temporary file in the same folder and renamed into place, so a crash
+never leaves a half shard under its final name; a shard that exists is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samplebench.errors import UsageError
+
+_SHARD = re.compile(r"shard-(\d+)-(\d+)\.npz$")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, then rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def shard_name(first: int, last: int) -> str:
+    """Shard covering sample indices first..last inclusive."""
+    return f"shard-{first:08d}-{last:08d}.npz"
+
+
+def write_shard(cell_dir: Path, first: int, arrays: dict[str, np.ndarray]) -> Path:
+    import io
+
+    n = len(arrays["indices"])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path = cell_dir / shard_name(first, first + n - 1)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def read_shard(path: Path) -> dict[str, np.ndarray]:
+    """Load a shard; a damaged one is a one-line error naming it and the fix."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UsageError(f"shard {path} is corrupt or truncated ({e}); delete it and re-run to regenerate it") from e
+
+
+def shard_ranges(cell_dir: Path) -> list[tuple[int, int, Path]]:
+    out = []
+    for p in sorted(cell_dir.glob("shard-*.npz")):
+        m = _SHARD.search(p.name)
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)), p))
+    return out
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    """A cell as found on disk."""
+
+    path: Path
+    info: dict[str, Any]
+
+    @property
+    def key(self) -> tuple[str, str, int, float]:
+        i = self.info
+        return (i["model_label"], i["sampler_label"], int(i["nfe"]), float(i["guidance"]))
+
+    def shards(self) -> list[tuple[int, int, Path]]:
+        return shard_ranges(self.path)
+
+    def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
+        for _, _, p in self.shards():
+            yield read_shard(p)
+
+    def complete(self) -> bool:
+        covered = sum(last - first + 1 for first, last, _ in self.shards())
+        return covered >= int(self.info["num_images"])
+
+
+def find_cells(run_dir: Path) -> list[CellRecord]:
+    """All cells of a run, in a stable order."""
+    if not run_dir.is_dir():
+        raise UsageError(f"run folder {run_dir} does not exist; run `samplebench sweep run={run_dir.name}` first")
+    cells = []
+    for p in sorted(run_dir.rglob("cell.json")):
+        cells.append(CellRecord(p.parent, json.loads(p.read_text())))
+    return cells
+
+
+def ensure_writable(path: Path) -> None:
+    """Fail early with a clear message when the results folder cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to {path} ({e.strerror}); choose another results_dir=") from e

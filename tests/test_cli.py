@@ -1,0 +1,78 @@
+"""The command line as a user meets it: one-line errors with exit code 2, and a full sweep."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "samplebench.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+BAD = [
+    (["sweep", "sampler=foo"], "sampler=foo is unknown"),
+    (["sweep", "sampler=ddim,dpmp"], "did you mean dpmpp"),
+    (["sweep", "model=sd99"], "model=sd99 is unknown"),
+    (["sweep", "nfe=0"], "nfe=0 must be a positive integer"),
+    (["sweep", "nfe=ten"], "nfe=ten must be a positive integer"),
+    (["sweep", "nfe=2.5"], "must be a positive integer"),
+    (["sweep", "guidance=-1"], "guidance=-1 must be a number >= 0"),
+    (["sweep", "sampelr=ddim"], "unknown key 'sampelr' (did you mean sampler?)"),
+    (["sweep", "sampler=dpmpp", "sampler.solver_ordr=3"], "did you mean solver_order?"),
+    (["sweep", "sampler=heun", "nfe=10"], "cannot spend exactly nfe=10"),
+    (["sweep", "run=../escape"], "must be a plain folder name"),
+    (["sweep", "nfe=[1"], "cannot parse overrides"),
+    (["metrics", "run=does-not-exist"], "does not exist"),
+    (["list", "things"], "cannot list 'things'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    extra = [] if args[0] == "list" else [f"results_dir={tmp_path}"]
+    r = cli(*args, *extra, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert message in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = cli("--debug", "sweep", "sampler=foo", f"results_dir={tmp_path}")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_list_samplers_shows_nfe_rules():
+    r = cli("list", "samplers")
+    assert r.returncode == 0
+    for name, rule in [("dpmpp", "N"), ("heun", "2N-1"), ("pndm", "N+1")]:
+        assert any(line.split("│")[1].strip() == name and rule in line for line in r.stdout.splitlines()
+                   if "│" in line), (name, r.stdout)
+
+
+def test_sweep_end_to_end(tmp_path):
+    r = cli("sweep", "sampler=ddim,dpmpp", "nfe=5,10", "guidance=1,2", "num_images=200", "run=e2e",
+            f"results_dir={tmp_path}", "metrics.bootstrap=100")
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "e2e"
+    df = pd.read_csv(run / "metrics.csv")
+    assert list(df.columns) == ["model", "sampler", "nfe", "guidance", "metric", "value", "ci_low", "ci_high",
+                                "n_images", "sec_per_image", "nfe_actual"]
+    assert len(df) == 2 * 2 * 2 * 2
+    assert (df["nfe"] == df["nfe_actual"]).all() and (df["n_images"] == 200).all()
+    assert (df["ci_low"] <= df["value"]).all() and (df["value"] <= df["ci_high"]).all()
+    te = df[df.metric == "traj_err"].set_index(["sampler", "nfe", "guidance"])["value"]
+    assert te["dpmpp", 10, 1.0] < te["ddim", 10, 1.0]
+    assert (run / "leaderboard.md").read_text().count("###") == 4
+    for png in ["traj_err_vs_nfe.png", "traj_err_vs_time.png", "fd_exact_vs_nfe.png"]:
+        assert (run / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "metrics.csv" in r.stderr and "leaderboard.md" in r.stderr
+    # The stages run alone on what the sweep left: metrics again changes nothing.
+    before = (run / "metrics.csv").read_text()
+    r2 = cli("metrics", "run=e2e", f"results_dir={tmp_path}", "metrics.bootstrap=100")
+    assert r2.returncode == 0, r2.stderr
+    assert (run / "metrics.csv").read_text() == before
