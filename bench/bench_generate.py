@@ -31,7 +31,9 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def main(extra: list[str]) -> None:
@@ -49,8 +51,10 @@ def main(extra: list[str]) -> None:
             nfe = int(np.concatenate([s["nfe"] for s in shards]).max())
             rows.append((cell.info["sampler_label"], cell.info["nfe"], nfe, n, wall, inside / wall))
     print(f"Machine: {machine()}\n")
-    print(f"Default sweep `samplebench sweep {' '.join(extra)}` end to end (process start, generation, "
-          f"metrics with cached ODE references cold, report): **{total:.1f} s**\n")
+    print(
+        f"Default sweep `samplebench sweep {' '.join(extra)}` end to end (process start, generation, "
+        f"metrics with cached ODE references cold, report): **{total:.1f} s**\n"
+    )
     print("| sampler | NFE asked | NFE counted | samples | sampling wall s | share inside model calls |")
     print("|---|---:|---:|---:|---:|---:|")
     for sampler, nfe, counted, n, wall, share in sorted(rows):

@@ -12,9 +12,13 @@ from rich.table import Table
 
 from samplebench.errors import UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Benchmark diffusion and flow model samplers. Arguments are Hydra overrides: "
-                       "key=value, comma lists sweep (sampler=ddim,dpmpp nfe=5,10,20).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Benchmark diffusion and flow model samplers. Arguments are Hydra overrides: "
+    "key=value, comma lists sweep (sampler=ddim,dpmpp nfe=5,10,20).",
+)
 out = Console()
 err = Console(stderr=True)
 _state = {"debug": False}
@@ -31,7 +35,7 @@ def _run_dir(overrides: list[str]) -> tuple[Path, dict]:
     """results_dir/run and the metrics config from overrides, for the stages that read a run."""
     from omegaconf import OmegaConf
 
-    from samplebench.config import _compose, _check_override, validate
+    from samplebench.config import _check_override, _compose, validate
 
     base = _compose([])
     for o in overrides:
@@ -47,8 +51,10 @@ def _generate(overrides: list[str]):
 
     cells = plan(overrides)
     summary = generate(cells, err)
-    err.print(f"generated {summary.shards_written} shards, {summary.shards_skipped} already finished, "
-              f"{summary.cells} cells in {summary.run_dir}")
+    err.print(
+        f"generated {summary.shards_written} shards, {summary.shards_skipped} already finished, "
+        f"{summary.cells} cells in {summary.run_dir}"
+    )
     return cells, summary
 
 

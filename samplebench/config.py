@@ -91,7 +91,9 @@ def _check_override(key: str, values: list[str], base: DictConfig) -> None:
         valid = group_choices(key)
         for v in values:
             if v not in valid:
-                raise UsageError(f"{key}={v} is unknown{_suggest(v, valid)}; choose one of {', '.join(valid)}")
+                raise UsageError(
+                    f"{key}={v} is unknown{_suggest(v, valid)}; choose one of {', '.join(valid)}"
+                )
         return
     valid_top = sorted(k for k in base.keys() if k != "hydra")
     if top not in valid_top:
@@ -105,9 +107,8 @@ def _check_nested(key: str, cfg: DictConfig) -> None:
         if rest.split(".")[0] not in node:
             valid = sorted(k for k in node.keys() if k != "name")
             choice = node.get("name", head)
-            raise UsageError(
-                f"unknown key '{key}' for {head}={choice}{_suggest(rest, valid)}; valid keys: {', '.join(valid)}"
-            )
+            hint = _suggest(rest, valid)
+            raise UsageError(f"unknown key '{key}' for {head}={choice}{hint}; valid keys: {', '.join(valid)}")
 
 
 def plan(overrides: list[str]) -> list[Cell]:
@@ -158,7 +159,9 @@ def plan(overrides: list[str]) -> list[Cell]:
 def _make_cell(cfg: DictConfig) -> Cell:
     c = OmegaConf.to_container(cfg, resolve=True)
     validate(c)
-    model_default = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{c['model']['name']}.yaml"))
+    model_default = OmegaConf.to_container(
+        OmegaConf.load(conf_dir() / "model" / f"{c['model']['name']}.yaml")
+    )
     sampler_default = OmegaConf.to_container(
         OmegaConf.load(conf_dir() / "sampler" / f"{c['sampler']['name']}.yaml")
     )
@@ -183,7 +186,9 @@ def validate(c: dict[str, Any]) -> None:
         return isinstance(v, int) and not isinstance(v, bool)
 
     if not is_int(c["nfe"]) or c["nfe"] <= 0:
-        raise UsageError(f"nfe={c['nfe']} must be a positive integer (model evaluations per sample), e.g. nfe=10")
+        raise UsageError(
+            f"nfe={c['nfe']} must be a positive integer (model evaluations per sample), e.g. nfe=10"
+        )
     g = c["guidance"]
     if isinstance(g, bool) or not isinstance(g, int | float) or g < 0:
         raise UsageError(f"guidance={g} must be a number >= 0 (1 = no guidance), e.g. guidance=7.5")

@@ -120,8 +120,9 @@ def _shard_arrays(chunks: list[tuple[torch.Tensor, Any, dict, list[int]]]) -> di
     }
 
 
-def generate(cells: list[Cell], console: Console | None = None,
-             on_shard: Callable[[Path], None] | None = None) -> GenerationSummary:
+def generate(
+    cells: list[Cell], console: Console | None = None, on_shard: Callable[[Path], None] | None = None
+) -> GenerationSummary:
     """Generate every missing shard of every cell; finished shards are skipped."""
     console = console or Console(stderr=True)
     if not cells:
@@ -136,7 +137,9 @@ def generate(cells: list[Cell], console: Console | None = None,
         cell_dir = prepare_cell_dir(run_dir, cell)
         done = {first for first, _, _ in store.shard_ranges(cell_dir)}
         size, n = _recorded_shard_size(cell_dir, cell), int(cell.config["num_images"])
-        todo.append((cell, cell_dir, size, [s for s in range(0, n, size) if s not in done], len(range(0, n, size))))
+        todo.append(
+            (cell, cell_dir, size, [s for s in range(0, n, size) if s not in done], len(range(0, n, size)))
+        )
     total = sum(len(t[3]) for t in todo)
     skipped = sum(t[4] - len(t[3]) for t in todo)
     written = 0

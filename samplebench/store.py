@@ -73,7 +73,9 @@ def read_shard(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UsageError(f"shard {path} is corrupt or truncated ({e}); delete it and re-run to regenerate it") from e
+        raise UsageError(
+            f"shard {path} is corrupt or truncated ({e}); delete it and re-run to regenerate it"
+        ) from e
 
 
 def shard_ranges(cell_dir: Path) -> list[tuple[int, int, Path]]:
@@ -112,7 +114,9 @@ class CellRecord:
 def find_cells(run_dir: Path) -> list[CellRecord]:
     """All cells of a run, in a stable order."""
     if not run_dir.is_dir():
-        raise UsageError(f"run folder {run_dir} does not exist; run `samplebench sweep run={run_dir.name}` first")
+        raise UsageError(
+            f"run folder {run_dir} does not exist; run `samplebench sweep run={run_dir.name}` first"
+        )
     cells = []
     for p in sorted(run_dir.rglob("cell.json")):
         cells.append(CellRecord(p.parent, json.loads(p.read_text())))

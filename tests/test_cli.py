@@ -8,8 +8,9 @@ import pytest
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "samplebench.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "samplebench.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 BAD = [
@@ -50,18 +51,40 @@ def test_list_samplers_shows_nfe_rules():
     r = cli("list", "samplers")
     assert r.returncode == 0
     for name, rule in [("dpmpp", "N"), ("heun", "2N-1"), ("pndm", "N+1")]:
-        assert any(line.split("│")[1].strip() == name and rule in line for line in r.stdout.splitlines()
-                   if "│" in line), (name, r.stdout)
+        assert any(
+            line.split("│")[1].strip() == name and rule in line
+            for line in r.stdout.splitlines()
+            if "│" in line
+        ), (name, r.stdout)
 
 
 def test_sweep_end_to_end(tmp_path):
-    r = cli("sweep", "sampler=ddim,dpmpp", "nfe=5,10", "guidance=1,2", "num_images=200", "run=e2e",
-            f"results_dir={tmp_path}", "metrics.bootstrap=100")
+    r = cli(
+        "sweep",
+        "sampler=ddim,dpmpp",
+        "nfe=5,10",
+        "guidance=1,2",
+        "num_images=200",
+        "run=e2e",
+        f"results_dir={tmp_path}",
+        "metrics.bootstrap=100",
+    )
     assert r.returncode == 0, r.stderr
     run = tmp_path / "e2e"
     df = pd.read_csv(run / "metrics.csv")
-    assert list(df.columns) == ["model", "sampler", "nfe", "guidance", "metric", "value", "ci_low", "ci_high",
-                                "n_images", "sec_per_image", "nfe_actual"]
+    assert list(df.columns) == [
+        "model",
+        "sampler",
+        "nfe",
+        "guidance",
+        "metric",
+        "value",
+        "ci_low",
+        "ci_high",
+        "n_images",
+        "sec_per_image",
+        "nfe_actual",
+    ]
     assert len(df) == 2 * 2 * 2 * 2
     assert (df["nfe"] == df["nfe_actual"]).all() and (df["n_images"] == 200).all()
     assert (df["ci_low"] <= df["value"]).all() and (df["value"] <= df["ci_high"]).all()

@@ -17,7 +17,10 @@ def _samples(tmp_path, run):
     out = {}
     for cell in store.find_cells(tmp_path / run):
         shards = list(cell.iter_shards())
-        out[cell.key] = (np.concatenate([s["samples"] for s in shards]), np.concatenate([s["indices"] for s in shards]))
+        out[cell.key] = (
+            np.concatenate([s["samples"] for s in shards]),
+            np.concatenate([s["indices"] for s in shards]),
+        )
     return out
 
 
@@ -75,7 +78,7 @@ def test_more_images_extend_a_cell(tmp_path):
     generate(plan(_overrides(tmp_path, "grow", "sampler=ddim", "nfe=5")))
     summary = generate(plan([*_overrides(tmp_path, "grow", "sampler=ddim", "nfe=5"), "num_images=128"]))
     assert summary.shards_written == 1
-    (samples, indices), = _samples(tmp_path, "grow").values()
+    ((samples, indices),) = _samples(tmp_path, "grow").values()
     assert list(indices) == list(range(128))
 
 
@@ -87,7 +90,7 @@ def test_changed_config_in_the_same_run_is_refused(tmp_path):
 
 def test_a_corrupt_shard_is_a_clear_error(tmp_path):
     generate(plan(_overrides(tmp_path, "c", "sampler=ddim", "nfe=5")))
-    cell, = store.find_cells(tmp_path / "c")
+    (cell,) = store.find_cells(tmp_path / "c")
     path = cell.shards()[0][2]
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(UsageError, match="corrupt or truncated"):

@@ -35,8 +35,9 @@ def run(gmm, name, nfe, indices, guidance=1.0, opts=None, allow_lower=False):
     labels = gmm.conditions(indices, 0)
     counter = CountingDenoiser(guided_denoiser(gmm, labels, guidance))
     steps = spec.nfe_rule.steps(nfe, name, allow_lower)
-    x = spec.run(counter, x_T, steps, opts or options(name), sampler_generators(0, indices),
-                 gmm.scheduler_config())
+    x = spec.run(
+        counter, x_T, steps, opts or options(name), sampler_generators(0, indices), gmm.scheduler_config()
+    )
     return x, counter.calls
 
 
@@ -97,14 +98,16 @@ def test_ode_samplers_converge_to_the_exact_solution(gmm, reference, name):
     # Irreducible floor of a discrete schedule: no level lies between sigma(t=0) and 0, so every
     # sampler's last jump costs O(sigma_min^2); 2e-3 bounds it for this mixture (measured 6e-4).
     floor = 2e-3
-    for a, b in zip(errs, errs[1:]):
+    for a, b in zip(errs, errs[1:], strict=False):
         assert b <= a + floor, f"{name}: traj_err grew from {a:.2e} to {b:.2e} ({errs})"
     assert errs[-1] < 0.05 * errs[0], f"{name}: {errs}"
 
 
 def test_dpmpp_beats_ddim_at_10_nfe(gmm, reference):
     idx = list(range(N))
-    assert traj_err(run(gmm, "dpmpp", 10, idx)[0], reference) < traj_err(run(gmm, "ddim", 10, idx)[0], reference)
+    assert traj_err(run(gmm, "dpmpp", 10, idx)[0], reference) < traj_err(
+        run(gmm, "ddim", 10, idx)[0], reference
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))

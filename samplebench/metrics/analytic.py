@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from samplebench import store
@@ -34,7 +33,12 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     w2, v2 = np.linalg.eigh(cov2)
     root2 = (v2 * np.sqrt(np.clip(w2, 0, None))) @ v2.T
     inner = np.linalg.eigvalsh(root2 @ cov1 @ root2)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+    return float(
+        ((mu1 - mu2) ** 2).sum()
+        + np.trace(cov1)
+        + np.trace(cov2)
+        - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    )
 
 
 def fd_exact(samples: np.ndarray, model: GaussianMixtureModel, reps: int) -> tuple[float, float, float]:
@@ -47,15 +51,29 @@ def fd_exact(samples: np.ndarray, model: GaussianMixtureModel, reps: int) -> tup
     return stat(samples), lo, hi
 
 
-def _cache_key(model: GaussianMixtureModel, model_cfg: dict, seed: int, guidance: float, indices: np.ndarray,
-               rtol: float) -> str:
-    ident = {"model": model_cfg, "seed": seed, "guidance": guidance, "rtol": rtol,
-             "indices": hashlib.sha256(indices.tobytes()).hexdigest()}
+def _cache_key(
+    model: GaussianMixtureModel, model_cfg: dict, seed: int, guidance: float, indices: np.ndarray, rtol: float
+) -> str:
+    ident = {
+        "model": model_cfg,
+        "seed": seed,
+        "guidance": guidance,
+        "rtol": rtol,
+        "indices": hashlib.sha256(indices.tobytes()).hexdigest(),
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def reference_solution(model: GaussianMixtureModel, model_cfg: dict, seed: int, guidance: float,
-                       indices: np.ndarray, labels: np.ndarray, cache_dir: Path, rtol: float) -> np.ndarray:
+def reference_solution(
+    model: GaussianMixtureModel,
+    model_cfg: dict,
+    seed: int,
+    guidance: float,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    cache_dir: Path,
+    rtol: float,
+) -> np.ndarray:
     """The exact ODE endpoint for these samples, computed once and cached."""
     path = cache_dir / f"{_cache_key(model, model_cfg, seed, guidance, indices, rtol)}.npy"
     if path.exists():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 from importlib import metadata
@@ -19,16 +18,32 @@ from samplebench.errors import UsageError
 from samplebench.metrics import analytic
 from samplebench.models import load_model
 
-COLUMNS = ["model", "sampler", "nfe", "guidance", "metric", "value", "ci_low", "ci_high",
-           "n_images", "sec_per_image", "nfe_actual"]
+COLUMNS = [
+    "model",
+    "sampler",
+    "nfe",
+    "guidance",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n_images",
+    "sec_per_image",
+    "nfe_actual",
+]
 KEY = ["model", "sampler", "nfe", "guidance", "metric"]
 KNOWN = {"fd_exact", "traj_err"}
 
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -60,14 +75,19 @@ def _cell_stats(cell: store.CellRecord) -> dict[str, Any]:
         n_batch += int(shard["batch_sizes"].sum())
     n = int(cell.info["num_images"])
     return {
-        "samples": np.concatenate(samples)[:n], "labels": np.concatenate(labels)[:n],
-        "indices": np.concatenate(indices)[:n], "nfe": np.concatenate(nfe)[:n],
-        "finite": np.concatenate(finite)[:n], "sec_per_image": seconds / max(n_batch, 1),
+        "samples": np.concatenate(samples)[:n],
+        "labels": np.concatenate(labels)[:n],
+        "indices": np.concatenate(indices)[:n],
+        "nfe": np.concatenate(nfe)[:n],
+        "finite": np.concatenate(finite)[:n],
+        "sec_per_image": seconds / max(n_batch, 1),
         "model_share": model_seconds / seconds if seconds else float("nan"),
     }
 
 
-def compute_metrics(run_dir: Path, metrics_cfg: dict[str, Any], console: Console | None = None) -> pd.DataFrame:
+def compute_metrics(
+    run_dir: Path, metrics_cfg: dict[str, Any], console: Console | None = None
+) -> pd.DataFrame:
     """Score every finished cell of a run; rows for the same key are replaced, others kept."""
     console = console or Console(stderr=True)
     names = list(metrics_cfg["names"])
@@ -78,7 +98,9 @@ def compute_metrics(run_dir: Path, metrics_cfg: dict[str, Any], console: Console
     finished = [c for c in cells if c.complete()]
     for c in cells:
         if not c.complete():
-            console.print(f"[yellow]skipping unfinished cell {c.path.relative_to(run_dir)}; re-run generate[/]")
+            console.print(
+                f"[yellow]skipping unfinished cell {c.path.relative_to(run_dir)}; re-run generate[/]"
+            )
     cache_dir = run_dir.parent / ".cache" / "traj"
     reps = int(metrics_cfg.get("bootstrap", 1000))
     rtol = float(metrics_cfg.get("ode_rtol", 1e-10))
@@ -97,24 +119,39 @@ def compute_metrics(run_dir: Path, metrics_cfg: dict[str, Any], console: Console
             st = _cell_stats(cell)
             ok = st["finite"]
             if not ok.all():
-                console.print(f"[red]{cell.path.relative_to(run_dir)}: {int((~ok).sum())} non-finite samples "
-                              "excluded from its metrics[/]")
+                console.print(
+                    f"[red]{cell.path.relative_to(run_dir)}: {int((~ok).sum())} non-finite samples "
+                    "excluded from its metrics[/]"
+                )
             x = st["samples"][ok].astype(np.float64)
             nfe_actual = int(st["nfe"].max())
-            base = {"model": cell.info["model_label"], "sampler": cell.info["sampler_label"],
-                    "nfe": int(cell.info["nfe"]), "guidance": float(cell.info["guidance"]),
-                    "n_images": int(ok.sum()), "sec_per_image": st["sec_per_image"], "nfe_actual": nfe_actual}
+            base = {
+                "model": cell.info["model_label"],
+                "sampler": cell.info["sampler_label"],
+                "nfe": int(cell.info["nfe"]),
+                "guidance": float(cell.info["guidance"]),
+                "n_images": int(ok.sum()),
+                "sec_per_image": st["sec_per_image"],
+                "nfe_actual": nfe_actual,
+            }
             for name in names:
                 if name == "fd_exact":
                     value, lo, hi = analytic.fd_exact(x, model, reps)
                 else:
                     errs = []
-                    for first, last, path in cell.shards():
+                    for _first, _last, path in cell.shards():
                         shard = store.read_shard(path)
                         keep = shard["finite"]
                         ref = analytic.reference_solution(
-                            model, cfg["model"], int(cfg["seed"]), float(cfg["guidance"]),
-                            shard["indices"], shard["labels"], cache_dir, rtol)
+                            model,
+                            cfg["model"],
+                            int(cfg["seed"]),
+                            float(cfg["guidance"]),
+                            shard["indices"],
+                            shard["labels"],
+                            cache_dir,
+                            rtol,
+                        )
                         errs.append(analytic.per_sample_traj_err(shard["samples"][keep], ref[keep]))
                     value, lo, hi = analytic.traj_err(np.concatenate(errs)[: int(ok.sum())], reps)
                 rows.append({**base, "metric": name, "value": value, "ci_low": lo, "ci_high": hi})
@@ -132,7 +169,7 @@ def compute_metrics(run_dir: Path, metrics_cfg: dict[str, Any], console: Console
         "metrics": {
             "fd_exact": "Frechet distance of sample mean/covariance to the mixture's closed-form moments",
             "traj_err": "mean over samples of the per-sample RMS distance to the exact probability-flow ODE "
-                        f"solution (scipy DOP853, rtol=atol={rtol}) from the same x_T and condition",
+            f"solution (scipy DOP853, rtol=atol={rtol}) from the same x_T and condition",
         },
         "interval": f"95% percentile bootstrap over samples, {reps} resamples",
         "nfe": "model evaluations per sample, counted outside guidance",

@@ -8,8 +8,12 @@ import numpy as np
 
 
 def bootstrap_ci(
-    data: np.ndarray, statistic: Callable[[np.ndarray], float], reps: int = 1000, seed: int = 0,
-    level: float = 0.95, basic: bool = False,
+    data: np.ndarray,
+    statistic: Callable[[np.ndarray], float],
+    reps: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    basic: bool = False,
 ) -> tuple[float, float]:
     """Bootstrap interval of `statistic` over resamples (with replacement) of the rows of data.
 

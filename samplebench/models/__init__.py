@@ -9,8 +9,15 @@ import torch
 from samplebench.errors import UsageError
 from samplebench.models.base import DiffusionModel, pick_device
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler
 from samplebench.errors import UsageError
 from samplebench.seeds import STREAM_CONDITION, generator
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 
 
 @dataclass(frozen=True)
@@ -68,17 +68,21 @@ class GaussianMixtureModel:
         self.rotations = torch.tensor(rotations, **f64)  # columns are eigenvectors of S_k
         self.eigenvalues = torch.tensor(stds**2, **f64)
         self.weights = torch.tensor(weights, **f64)
-        schedule = DDPMScheduler(**self.scheduler_config())
-        # The scheduler's own (float32) values, so model and solver agree on every training timestep.
-        self.alphas_cumprod = schedule.alphas_cumprod.to(torch.float64)
+        # diffusers builds the betas; every sampler then gets them as trained_betas, so any schedule
+        # DDPMScheduler knows works with every scheduler, and model and solver agree on each timestep.
+        ddpm = DDPMScheduler(
+            num_train_timesteps=spec.num_train_timesteps,
+            beta_start=spec.beta_start,
+            beta_end=spec.beta_end,
+            beta_schedule=spec.beta_schedule,
+        )
+        self._betas = ddpm.betas.numpy().copy()
+        self.alphas_cumprod = ddpm.alphas_cumprod.to(torch.float64)
 
     def scheduler_config(self) -> dict[str, Any]:
-        s = self.spec
         return dict(
-            num_train_timesteps=s.num_train_timesteps,
-            beta_start=s.beta_start,
-            beta_end=s.beta_end,
-            beta_schedule=s.beta_schedule,
+            num_train_timesteps=self.spec.num_train_timesteps,
+            trained_betas=self._betas,
             prediction_type="epsilon",
         )
 
@@ -92,7 +96,9 @@ class GaussianMixtureModel:
         """Mean and covariance of the whole mixture, in closed form."""
         w = self.weights
         mean = (w[:, None] * self.means).sum(0)
-        second = (w[:, None, None] * (self.covariances() + self.means[:, :, None] * self.means[:, None, :])).sum(0)
+        second = (
+            w[:, None, None] * (self.covariances() + self.means[:, :, None] * self.means[:, None, :])
+        ).sum(0)
         return mean, second - mean[:, None] * mean[None, :]
 
     def sample_data(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +107,10 @@ class GaussianMixtureModel:
         labels = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=g)
         z = torch.randn(n, self.spec.dim, generator=g, dtype=torch.float64).to(self.device)
         labels = labels.to(self.device)
-        x = self.means[labels] + (self.rotations[labels] @ (self.eigenvalues[labels].sqrt() * z)[..., None])[..., 0]
+        x = (
+            self.means[labels]
+            + (self.rotations[labels] @ (self.eigenvalues[labels].sqrt() * z)[..., None])[..., 0]
+        )
         return x, labels
 
     def _component_terms(self, y: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +135,9 @@ class GaussianMixtureModel:
         return sigma[:, None] * (resp[..., None] * prec).sum(1)
 
     # -- the model protocol ---------------------------------------------------------------------
-    def predict(self, x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def predict(
+        self, x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
         x64 = x.to(torch.float64)
         sigma = sigma.to(device=x.device, dtype=torch.float64).expand(x.shape[0])
         y = x64 * (1 + sigma**2).sqrt()[:, None]
@@ -134,7 +145,9 @@ class GaussianMixtureModel:
 
     def conditions(self, indices: list[int], seed: int) -> torch.Tensor:
         w = self.weights.cpu()
-        labels = [int(torch.multinomial(w, 1, generator=generator(seed, i, STREAM_CONDITION))) for i in indices]
+        labels = [
+            int(torch.multinomial(w, 1, generator=generator(seed, i, STREAM_CONDITION))) for i in indices
+        ]
         return torch.tensor(labels, dtype=torch.long, device=self.device)
 
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,9 @@ def _per_sample(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1).expand(x.shape[0])
 
 
-def to_epsilon(pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def to_epsilon(
+    pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """Convert a native prediction at VP input x and VE noise level sigma to a noise prediction."""
     if prediction_type == "epsilon":
         return pred

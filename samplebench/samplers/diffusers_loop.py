@@ -32,7 +32,9 @@ def solver_sigma(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
     """The VE noise level the scheduler's next update assumes for the model call at timestep t."""
     if hasattr(scheduler, "sigmas") and hasattr(scheduler, "step_index"):
         i = scheduler.step_index if scheduler.step_index is not None else 0
-        if getattr(scheduler, "state_in_first_order", True) is False and hasattr(scheduler, "sigmas_interpol"):
+        if getattr(scheduler, "state_in_first_order", True) is False and hasattr(
+            scheduler, "sigmas_interpol"
+        ):
             return scheduler.sigmas_interpol[i].double()
         return scheduler.sigmas[i].double()
     ac = scheduler.alphas_cumprod[int(t)].double()
@@ -121,8 +123,11 @@ def run_scheduler(
         out = denoise(x_in, model_t, sigma)
         x = scheduler.step(out, t, x, **step_kwargs).prev_sample
     if denoise_to_zero:  # one more evaluation turns the sample at the last noise level into a clean one
-        sigma = solver_sigma(scheduler, scheduler.timesteps[-1]) if scheduler.step_index is None else (
-            scheduler.sigmas[scheduler.step_index].double())
+        sigma = (
+            solver_sigma(scheduler, scheduler.timesteps[-1])
+            if scheduler.step_index is None
+            else (scheduler.sigmas[scheduler.step_index].double())
+        )
         t_last = scheduler.timesteps[-1]
         eps = to_epsilon(denoise(x, t_last, sigma), x, sigma, scheduler.config.prediction_type)
         x = (x - sigma / (1 + sigma**2).sqrt() * eps) * (1 + sigma**2).sqrt()

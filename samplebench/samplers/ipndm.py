@@ -17,7 +17,12 @@ from samplebench.samplers.base import Denoiser, to_epsilon
 from samplebench.samplers.schedules import sigma_grid, sigma_to_t
 
 # Adams-Bashforth weights for orders 1..4, newest derivative first.
-_AB_WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+_AB_WEIGHTS = {
+    1: (1.0,),
+    2: (1.5, -0.5),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
 
 
 def sample_ipndm(
@@ -36,7 +41,9 @@ def sample_ipndm(
         raise ValueError("sampler.order for ipndm must be 1, 2, 3 or 4")
     train = DDPMScheduler(**schedule)
     train_sigmas = sigmas_from_alphas_cumprod(train.alphas_cumprod)
-    sigmas = sigma_grid(train_sigmas, steps, options.get("schedule", "karras"), float(options.get("rho", 7.0)))
+    sigmas = sigma_grid(
+        train_sigmas, steps, options.get("schedule", "karras"), float(options.get("rho", 7.0))
+    )
     prediction_type = schedule.get("prediction_type", "epsilon")
     y = x_T * (1 + sigmas[0] ** 2).sqrt()
     history: list[torch.Tensor] = []
