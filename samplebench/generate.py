@@ -154,8 +154,14 @@ def generate(
             start = time.perf_counter()
             model = load_model(group[0][0].model, group[0][0].config["device"])
             loads[group[0][0].model_label] = time.perf_counter() - start
+            warmed: set[str] = set()
             for cell, cell_dir, size, starts, _ in group:
                 progress.update(task, description=f"{cell.rel_dir}")
+                if cell.sampler["name"] not in warmed:
+                    # An untimed one-sample run first: lazy imports, allocator and kernel warm-up
+                    # must not be billed to whichever cell happens to run first.
+                    sample_batch(model, cell, [0], steps[cell])
+                    warmed.add(cell.sampler["name"])
                 n, bs = int(cell.config["num_images"]), int(cell.config["batch_size"])
                 for s in starts:
                     shard = list(range(s, min(s + size, n)))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from samplebench import store
-from samplebench.metrics.reference import solve_probability_flow
+from samplebench.metrics.reference import solve_with_floor
 from samplebench.metrics.stats import bootstrap_ci, mean_ci
 from samplebench.models.gmm import GaussianMixtureModel
 from samplebench.seeds import initial_noise
@@ -73,17 +73,18 @@ def reference_solution(
     labels: np.ndarray,
     cache_dir: Path,
     rtol: float,
-) -> np.ndarray:
-    """The exact ODE endpoint for these samples, computed once and cached."""
-    path = cache_dir / f"{_cache_key(model, model_cfg, seed, guidance, indices, rtol)}.npy"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ODE endpoints for these samples and the schedule's floor points; computed once, cached."""
+    path = cache_dir / f"{_cache_key(model, model_cfg, seed, guidance, indices, rtol)}.npz"
     if path.exists():
-        return np.load(path)
+        with np.load(path) as z:
+            return z["reference"], z["floor"]
     x_T = initial_noise(seed, indices.tolist(), model.sample_shape, torch.float64, model.device)
-    ref = solve_probability_flow(model, x_T, torch.as_tensor(labels), guidance, rtol=rtol, atol=rtol).numpy()
+    ref, floor = solve_with_floor(model, x_T, torch.as_tensor(labels), guidance, rtol=rtol, atol=rtol)
     buf = io.BytesIO()
-    np.save(buf, ref)
+    np.savez(buf, reference=ref.numpy(), floor=floor.numpy())
     store.atomic_write_bytes(path, buf.getvalue())
-    return ref
+    return ref.numpy(), floor.numpy()
 
 
 def per_sample_traj_err(samples: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
 
 from samplebench.report import lower_is_better, require_columns
 
@@ -110,6 +110,12 @@ def _draw_facet(
         ax.step(xs[idx], ys[idx], where="post", color="black", linestyle="--", linewidth=1.2, zorder=4)
         ax.scatter(xs[idx], ys[idx], s=160, facecolors="none", edgecolors="black", linewidths=1.3, zorder=5)
     ax.set_xscale("log")
+    # Label minor ticks at 2 and 5 only: enough to read a short range, never colliding.
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+    positive = ys[np.isfinite(ys) & (ys > 0)]
+    if len(positive) == len(ys) and positive.max() > 10 * positive.min():
+        ax.set_yscale("log")  # errors spanning decades (traj_err) read better on a log axis
     ax.grid(True, which="both", alpha=0.3)
     ticks = np.unique(xs[np.isfinite(xs)])
     if x_col == "nfe_actual" and 0 < len(ticks) <= 12:
