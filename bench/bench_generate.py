@@ -40,8 +40,9 @@ def main(extra: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "samplebench.cli", "sweep", "run=bench", f"results_dir={tmp}", *extra]
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
+        proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
         total = time.perf_counter() - start
+        stages = next((line for line in proc.stderr.splitlines() if line.startswith("done in")), "")
         rows = []
         for cell in store.find_cells(Path(tmp) / "bench"):
             shards = list(cell.iter_shards())
@@ -53,7 +54,8 @@ def main(extra: list[str]) -> None:
     print(f"Machine: {machine()}\n")
     print(
         f"Default sweep `samplebench sweep {' '.join(extra)}` end to end (process start, generation, "
-        f"metrics with cached ODE references cold, report): **{total:.1f} s**\n"
+        f"metrics with cached ODE references cold, report): **{total:.1f} s**; "
+        f"the tool's own split: {stages.removesuffix(' Files:')}\n"
     )
     print("| sampler | NFE asked | NFE counted | samples | sampling wall s | share inside model calls |")
     print("|---|---:|---:|---:|---:|---:|")

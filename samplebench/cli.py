@@ -75,13 +75,19 @@ def _report(run_dir: Path) -> list[Path]:
 @app.command()
 def sweep(overrides: list[str] = OVERRIDES) -> None:
     """Plan, generate, score and report a sweep in one go."""
+    times = {}
     start = time.perf_counter()
     cells, summary = _generate(overrides or [])
-    cfg = cells[0].config
+    times["plan+generate"] = time.perf_counter() - start
     files = [summary.run_dir / "metrics.csv"]
-    _metrics(summary.run_dir, cfg["metrics"])
+    t = time.perf_counter()
+    _metrics(summary.run_dir, cells[0].config["metrics"])
+    times["metrics"] = time.perf_counter() - t
+    t = time.perf_counter()
     files += _report(summary.run_dir)
-    err.print(f"done in {time.perf_counter() - start:.1f} s. Files:")
+    times["report"] = time.perf_counter() - t
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+    err.print(f"done in {time.perf_counter() - start:.1f} s ({stages}). Files:")
     for f in files:
         err.print(f"  {f}")
 

@@ -172,7 +172,8 @@ def compute_metrics(
     store.atomic_write_text(path, merged.to_csv(index=False))
     protocol = {
         "metrics": {
-            "fd_exact": "Frechet distance of sample mean/covariance to the mixture's closed-form moments",
+            "fd_exact": "Frechet distance of sample mean/covariance to the mixture's closed-form moments, "
+            "bootstrap bias-corrected (2 T - mean of resampled T)",
             "traj_err": "mean over samples of the per-sample RMS distance to the exact probability-flow ODE "
             f"solution (scipy DOP853, rtol=atol={rtol}) from the same x_T and condition",
         },
