@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from samplebench.errors import UsageError
 
-GROUPS = ("model", "sampler", "metrics")
+GROUPS = ("model", "sampler", "metrics", "prompts")
 
 
 def conf_dir() -> Path:
@@ -57,8 +57,8 @@ class Cell:
     @property
     def config_hash(self) -> str:
         """Identity of everything that changes the samples (not where they are written)."""
-        keys = ("model", "sampler", "nfe", "guidance", "seed", "allow_lower_nfe")
-        ident = {k: self.config[k] for k in keys}
+        keys = ("model", "sampler", "nfe", "guidance", "seed", "allow_lower_nfe", "prompts")
+        ident = {k: self.config.get(k) for k in keys}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -77,10 +77,17 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+# Where weights come from changes the identity (the hash) but not the readable label.
+_UNLABELLED = {"name", "path", "id", "allow_pickle"}
+
+
 def _label(name: str, chosen: dict[str, Any], defaults: dict[str, Any]) -> str:
-    """`dpmpp`, or `dpmpp[solver_order=3]` when options differ from the group file."""
-    diff = [f"{k}={chosen[k]}" for k in sorted(chosen) if k != "name" and chosen[k] != defaults.get(k)]
-    return f"{name}[{','.join(diff)}]" if diff else name
+    """`dpmpp`, or `dpmpp[solver_order=3]` when options differ from the group file; safe as a folder name."""
+    diff = [
+        f"{k}={chosen[k]}" for k in sorted(chosen) if k not in _UNLABELLED and chosen[k] != defaults.get(k)
+    ]
+    label = f"{name}[{','.join(diff)}]" if diff else name
+    return re.sub(r"[^A-Za-z0-9_.,=\[\]+-]", "_", label)
 
 
 def _check_override(key: str, values: list[str], base: DictConfig) -> None:

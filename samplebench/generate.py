@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -22,9 +23,10 @@ from samplebench import store
 from samplebench.config import Cell
 from samplebench.errors import UsageError
 from samplebench.models import load_model
+from samplebench.prompts import load_labels, load_prompts
 from samplebench.samplers import get_sampler
 from samplebench.samplers.base import CountingDenoiser, guided_denoiser
-from samplebench.seeds import initial_noise, sampler_generators
+from samplebench.seeds import STREAM_NOISE, initial_noise, sample_seed, sampler_generators
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,12 @@ def prepare_cell_dir(run_dir: Path, cell: Cell) -> Path:
     return path
 
 
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
 def _recorded_shard_size(cell_dir: Path, cell: Cell) -> int:
     """Shard boundaries are fixed when a cell is first made, so resuming never overlaps shards."""
     import json
@@ -88,36 +96,140 @@ def _recorded_shard_size(cell_dir: Path, cell: Cell) -> int:
     return int(json.loads((cell_dir / "cell.json").read_text()).get("shard_size", cell.config["shard_size"]))
 
 
-def sample_batch(model: Any, cell: Cell, indices: list[int], steps: int) -> tuple[torch.Tensor, Any, dict]:
-    """Run the cell's sampler on one batch; returns samples, conditions and counted timings."""
+@dataclass
+class Batch:
+    """One generated batch: what goes into a shard."""
+
+    indices: list[int]
+    samples: torch.Tensor
+    labels: np.ndarray
+    prompt_ids: list[str]
+    prompts: list[str]
+    stats: dict[str, float]
+    images: np.ndarray | None = None
+
+
+class CellConditions:
+    """The condition of sample i of a cell: a function of (config, i) alone."""
+
+    def __init__(self, model: Any, cfg: dict[str, Any]):
+        self.model, self.seed = model, int(cfg["seed"])
+        self.kind = getattr(model, "condition_kind", "component")
+        n, prompts_cfg = int(cfg["num_images"]), cfg.get("prompts") or {"kind": "builtin"}
+        if self.kind == "none" and float(cfg["guidance"]) != 1.0:
+            raise UsageError(
+                f"model={model.name} is unconditional, so guidance={cfg['guidance']:g} has no "
+                "meaning; use guidance=1"
+            )
+        if self.kind == "text":
+            if prompts_cfg.get("kind") == "classes":
+                raise UsageError(
+                    f"model={model.name} takes text prompts; choose prompts=builtin, file or coco"
+                )
+            self.prompts = load_prompts(prompts_cfg, n)
+        elif self.kind == "class":
+            if prompts_cfg.get("kind") not in ("classes", "builtin"):
+                raise UsageError(
+                    f"model={model.name} takes class labels, not prompts={prompts_cfg.get('kind')}; "
+                    "use prompts=classes"
+                )
+            labels_cfg = (
+                prompts_cfg if prompts_cfg.get("kind") == "classes" else {"kind": "classes", "select": "all"}
+            )
+            self.labels = load_labels(labels_cfg, model.num_classes, n)
+
+    def __call__(self, indices: list[int]) -> tuple[Any, np.ndarray, list[str], list[str]]:
+        """(condition batch, integer labels, prompt ids, prompt texts)."""
+        if self.kind == "component":
+            cond = self.model.conditions(indices, self.seed)
+            labels = cond.cpu().numpy()
+            return cond, labels, [f"component:{c}" for c in labels], [f"component {c}" for c in labels]
+        if self.kind == "text":
+            texts, ids = self.prompts.for_indices(indices)
+            return self.model.encode(texts), np.full(len(indices), -1), ids, texts
+        if self.kind == "class":
+            labels = self.labels.for_indices(indices)
+            return (
+                self.model.encode(labels),
+                np.asarray(labels),
+                [f"class:{c}" for c in labels],
+                [f"class {c}" for c in labels],
+            )
+        return None, np.full(len(indices), -1), ["" for _ in indices], ["" for _ in indices]
+
+
+def sample_batch(model: Any, cell: Cell, indices: list[int], steps: int, conditions: CellConditions) -> Batch:
+    """Run the cell's sampler on one batch (device-synchronised timing), then decode to images."""
     spec = get_sampler(cell.sampler["name"])
     seed = int(cell.config["seed"])
     x_T = initial_noise(seed, indices, model.sample_shape, model.dtype, model.device)
-    cond = model.conditions(indices, seed)
+    cond, labels, ids, texts = conditions(indices)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     counter = CountingDenoiser(guided_denoiser(model, cond, cell.guidance), sync)
     gens = sampler_generators(seed, indices) if spec.kind == "sde" or cell.sampler.get("eta", 0) else None
+    sync()
     start = time.perf_counter()
     with torch.no_grad():
         x0 = spec.run(counter, x_T, steps, _sampler_options(cell), gens, model.scheduler_config())
     sync()
     seconds = time.perf_counter() - start
-    return x0, cond, {"nfe": counter.calls, "seconds": seconds, "model_seconds": counter.seconds}
-
-
-def _shard_arrays(chunks: list[tuple[torch.Tensor, Any, dict, list[int]]]) -> dict[str, np.ndarray]:
-    samples = torch.cat([c[0] for c in chunks]).cpu()
-    labels = torch.cat([torch.as_tensor(c[1]).reshape(len(c[3]), -1)[:, 0].cpu() for c in chunks])
-    return {
-        "samples": samples.numpy(),
-        "indices": np.concatenate([np.asarray(c[3], dtype=np.int64) for c in chunks]),
-        "labels": labels.numpy(),
-        "finite": torch.isfinite(samples.reshape(len(samples), -1)).all(1).numpy(),
-        "nfe": np.concatenate([np.full(len(c[3]), c[2]["nfe"], dtype=np.int64) for c in chunks]),
-        "batch_sizes": np.asarray([len(c[3]) for c in chunks], dtype=np.int64),
-        "batch_seconds": np.asarray([c[2]["seconds"] for c in chunks]),
-        "batch_model_seconds": np.asarray([c[2]["model_seconds"] for c in chunks]),
+    images, decode_seconds = None, 0.0
+    if hasattr(model, "decode"):
+        start = time.perf_counter()
+        images = model.decode(x0)
+        sync()
+        decode_seconds = time.perf_counter() - start
+    stats = {
+        "nfe": counter.calls,
+        "seconds": seconds,
+        "model_seconds": counter.seconds,
+        "decode_seconds": decode_seconds,
     }
+    return Batch(indices, x0, labels, ids, texts, stats, images)
+
+
+def _shard_arrays(batches: list[Batch], seed: int) -> dict[str, np.ndarray]:
+    samples = torch.cat([b.samples for b in batches]).cpu()
+    indices = np.concatenate([np.asarray(b.indices, dtype=np.int64) for b in batches])
+    arrays = {
+        "samples": samples.numpy(),
+        "indices": indices,
+        "seeds": np.asarray([sample_seed(seed, int(i), STREAM_NOISE) for i in indices], dtype=np.int64),
+        "labels": np.concatenate([b.labels for b in batches]).astype(np.int64),
+        "prompt_ids": np.asarray([p for b in batches for p in b.prompt_ids], dtype=str),
+        "prompts": np.asarray([p for b in batches for p in b.prompts], dtype=str),
+        "finite": torch.isfinite(samples.reshape(len(samples), -1)).all(1).numpy(),
+        "nfe": np.concatenate([np.full(len(b.indices), b.stats["nfe"], dtype=np.int64) for b in batches]),
+        "batch_sizes": np.asarray([len(b.indices) for b in batches], dtype=np.int64),
+        "batch_seconds": np.asarray([b.stats["seconds"] for b in batches]),
+        "batch_model_seconds": np.asarray([b.stats["model_seconds"] for b in batches]),
+        "batch_decode_seconds": np.asarray([b.stats["decode_seconds"] for b in batches]),
+    }
+    if batches[0].images is not None:
+        arrays["images"] = np.concatenate([b.images for b in batches])
+    return arrays
+
+
+def _write_shard(cell_dir: Path, first: int, batches: list[Batch], seed: int) -> Path:
+    """Encode and write one shard (and its PNG contact sheet); runs on the writer thread."""
+    arrays = _shard_arrays(batches, seed)
+    if "images" in arrays:
+        store.write_preview(cell_dir, first, arrays["images"])
+    return store.write_shard(cell_dir, first, arrays)
+
+
+def _drain(
+    pending: list[Future], progress: Progress, task: Any, on_shard: Callable[[Path], None] | None, block: bool
+) -> int:
+    """Collect finished shard writes (all of them when block); a failed write raises here."""
+    done = 0
+    while pending and (block or pending[0].done()):
+        path = pending.pop(0).result()
+        done += 1
+        progress.advance(task)
+        if on_shard:
+            on_shard(path)
+    return done
 
 
 def generate(
@@ -145,7 +257,11 @@ def generate(
     written = 0
     loads: dict[str, float] = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
+    pending: list[Future] = []
+    with (
+        ThreadPoolExecutor(max_workers=1) as writer,
+        Progress(*columns, console=console, transient=True) as progress,
+    ):
         task = progress.add_task("generate", total=total)
         for _, group in groupby(todo, key=lambda t: t[0].model_hash):
             group = [t for t in group if t[3]]
@@ -153,26 +269,36 @@ def generate(
                 continue
             start = time.perf_counter()
             model = load_model(group[0][0].model, group[0][0].config["device"])
-            loads[group[0][0].model_label] = time.perf_counter() - start
+            label = group[0][0].model_label
+            loads[label] = time.perf_counter() - start
+            store.write_json(
+                run_dir / label / "load.json",
+                {
+                    "seconds": loads[label],
+                    "device": describe_device(model.device),
+                    "dtype": str(getattr(model, "model_dtype", model.dtype)),
+                },
+            )
             warmed: set[str] = set()
             for cell, cell_dir, size, starts, _ in group:
                 progress.update(task, description=f"{cell.rel_dir}")
+                conditions = CellConditions(model, cell.config)
                 if cell.sampler["name"] not in warmed:
                     # An untimed one-sample run first: lazy imports, allocator and kernel warm-up
                     # must not be billed to whichever cell happens to run first.
-                    sample_batch(model, cell, [0], steps[cell])
+                    sample_batch(model, cell, [0], steps[cell], conditions)
                     warmed.add(cell.sampler["name"])
                 n, bs = int(cell.config["num_images"]), int(cell.config["batch_size"])
                 for s in starts:
                     shard = list(range(s, min(s + size, n)))
-                    chunks = []
-                    for b in range(0, len(shard), bs):
-                        idx = shard[b : b + bs]
-                        x0, cond, stats = sample_batch(model, cell, idx, steps[cell])
-                        chunks.append((x0, cond, stats, idx))
-                    path = store.write_shard(cell_dir, s, _shard_arrays(chunks))
-                    written += 1
-                    progress.advance(task)
-                    if on_shard:
-                        on_shard(path)
+                    batches = [
+                        sample_batch(model, cell, shard[b : b + bs], steps[cell], conditions)
+                        for b in range(0, len(shard), bs)
+                    ]
+                    # Encoding and writing run on a background thread, so the device never waits on disk.
+                    pending.append(
+                        writer.submit(_write_shard, cell_dir, s, batches, int(cell.config["seed"]))
+                    )
+                    written += _drain(pending, progress, task, on_shard, block=False)
+        written += _drain(pending, progress, task, on_shard, block=True)
     return GenerationSummary(run_dir, len(cells), written, skipped, loads)

@@ -67,11 +67,31 @@ def write_shard(cell_dir: Path, first: int, arrays: dict[str, np.ndarray]) -> Pa
     return path
 
 
-def read_shard(path: Path) -> dict[str, np.ndarray]:
-    """Load a shard; a damaged one is a one-line error naming it and the fix."""
+def write_preview(cell_dir: Path, first: int, images: np.ndarray, columns: int = 8, thumb: int = 128) -> Path:
+    """A PNG contact sheet of a shard's images (at most 64, scaled to `thumb` px), to look at."""
+    from PIL import Image
+
+    images = images[:64]
+    rows = (len(images) + columns - 1) // columns
+    size = min(thumb, images.shape[1])
+    sheet = Image.new("RGB", (columns * size, rows * size), "white")
+    for k, img in enumerate(images):
+        tile = Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS)
+        sheet.paste(tile, ((k % columns) * size, (k // columns) * size))
+    import io
+
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    path = cell_dir / f"preview-{first:08d}.png"
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def read_shard(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Load a shard (only `keys` if given); a damaged one is a one-line error naming it and the fix."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in (keys or z.files) if k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise UsageError(
             f"shard {path} is corrupt or truncated ({e}); delete it and re-run to regenerate it"

@@ -35,4 +35,8 @@ def load_model(cfg: dict[str, Any], device: str) -> DiffusionModel:
 
         fields = {k: v for k, v in cfg.items() if k not in ("name", "dtype")}
         return GaussianMixtureModel(MixtureSpec(**fields), dev, parse_dtype(cfg.get("dtype", "float64")))
+    from samplebench.models.diffusers_models import HUB_IDS, DiffusersModel
+
+    if name in HUB_IDS or name == "diffusers":
+        return DiffusersModel(cfg, dev)
     raise UsageError(f"model={name} has no adapter")
