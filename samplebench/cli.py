@@ -47,9 +47,10 @@ def _run_dir(overrides: list[str]) -> tuple[Path, dict]:
 
 def _generate(overrides: list[str]):
     from samplebench.config import plan
+
+    cells = plan(overrides)  # only Hydra so far: bad overrides fail before torch is imported
     from samplebench.generate import generate
 
-    cells = plan(overrides)
     summary = generate(cells, err)
     err.print(
         f"generated {summary.shards_written} shards, {summary.shards_skipped} already finished, "

@@ -204,6 +204,7 @@ def _shard_arrays(batches: list[Batch], seed: int) -> dict[str, np.ndarray]:
         "batch_seconds": np.asarray([b.stats["seconds"] for b in batches]),
         "batch_model_seconds": np.asarray([b.stats["model_seconds"] for b in batches]),
         "batch_decode_seconds": np.asarray([b.stats["decode_seconds"] for b in batches]),
+        "batch_warmup": np.asarray([bool(b.stats.get("warmup", False)) for b in batches]),
     }
     if batches[0].images is not None:
         arrays["images"] = np.concatenate([b.images for b in batches])
@@ -283,18 +284,17 @@ def generate(
             for cell, cell_dir, size, starts, _ in group:
                 progress.update(task, description=f"{cell.rel_dir}")
                 conditions = CellConditions(model, cell.config)
-                if cell.sampler["name"] not in warmed:
-                    # An untimed one-sample run first: lazy imports, allocator and kernel warm-up
-                    # must not be billed to whichever cell happens to run first.
-                    sample_batch(model, cell, [0], steps[cell], conditions)
-                    warmed.add(cell.sampler["name"])
                 n, bs = int(cell.config["num_images"]), int(cell.config["batch_size"])
                 for s in starts:
                     shard = list(range(s, min(s + size, n)))
-                    batches = [
-                        sample_batch(model, cell, shard[b : b + bs], steps[cell], conditions)
-                        for b in range(0, len(shard), bs)
-                    ]
+                    batches = []
+                    for b in range(0, len(shard), bs):
+                        batch = sample_batch(model, cell, shard[b : b + bs], steps[cell], conditions)
+                        # The first batch of each sampler in this process pays lazy imports, allocator and
+                        # kernel warm-up: its images count, its time is left out of the cell's timing.
+                        batch.stats["warmup"] = cell.sampler["name"] not in warmed
+                        warmed.add(cell.sampler["name"])
+                        batches.append(batch)
                     # Encoding and writing run on a background thread, so the device never waits on disk.
                     pending.append(
                         writer.submit(_write_shard, cell_dir, s, batches, int(cell.config["seed"]))

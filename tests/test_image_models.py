@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import tiny_models  # tests/tiny_models.py
+import torch
 
 from samplebench import store
 from samplebench.config import plan
@@ -209,3 +210,12 @@ def test_offline_hub_model_without_local_copy_fails_fast_with_one_line(tmp_path)
     assert len(lines) == 1, r.stderr
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in lines[0] and "model.path=" in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_network_is_asked_at_the_schedulers_integer_timesteps(pipelines):
+    from samplebench.models import load_model
+
+    model = load_model({"name": "sd15", "path": str(pipelines["sd15"]), "dtype": "fp32"}, "cpu")
+    t = torch.tensor([999, 981, 500, 1, 0])
+    # Reference: diffusers' own sigma for each training timestep; the adapter maps it back exactly.
+    torch.testing.assert_close(model.timestep(model.train_sigmas[t]), t.float(), rtol=0, atol=1e-3)

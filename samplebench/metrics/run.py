@@ -59,43 +59,38 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _cell_stats(cell: store.CellRecord) -> dict[str, Any]:
-    """Samples and timing of a cell, read shard by shard."""
-    samples, labels, indices, nfe, finite = [], [], [], [], []
-    seconds = model_seconds = 0.0
-    n_batch = 0
-    for shard in cell.iter_shards():
-        samples.append(shard["samples"])
-        labels.append(shard["labels"])
-        indices.append(shard["indices"])
-        nfe.append(shard["nfe"])
-        finite.append(shard["finite"])
-        seconds += float(shard["batch_seconds"].sum())
-        model_seconds += float(shard["batch_model_seconds"].sum())
-        n_batch += int(shard["batch_sizes"].sum())
+def _cell_samples(cell: store.CellRecord) -> dict[str, np.ndarray]:
+    """Samples, labels and counted NFE of a cell, read shard by shard."""
+    keys = ("samples", "labels", "indices", "nfe", "finite")
+    parts = [store.read_shard(p, keys) for _, _, p in cell.shards()]
     n = int(cell.info["num_images"])
-    return {
-        "samples": np.concatenate(samples)[:n],
-        "labels": np.concatenate(labels)[:n],
-        "indices": np.concatenate(indices)[:n],
-        "nfe": np.concatenate(nfe)[:n],
-        "finite": np.concatenate(finite)[:n],
-        "sec_per_image": seconds / max(n_batch, 1),
-        "model_share": model_seconds / seconds if seconds else float("nan"),
-    }
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in keys}
 
 
-TIMING_KEYS = ("nfe", "finite", "batch_sizes", "batch_seconds", "batch_model_seconds", "batch_decode_seconds")
+TIMING_KEYS = (
+    "nfe",
+    "finite",
+    "batch_sizes",
+    "batch_seconds",
+    "batch_model_seconds",
+    "batch_decode_seconds",
+    "batch_warmup",
+)
 
 
 def timing_row(cell: store.CellRecord) -> dict[str, Any]:
-    """Per-cell timing from the shards' per-batch records (warm-up already excluded at generation)."""
+    """Per-cell timing from the shards' per-batch records. Warm-up batches (the first of each sampler
+    in a worker process) are left out unless a cell has nothing else."""
     parts = [store.read_shard(p, TIMING_KEYS) for _, _, p in cell.shards()]
-    n = sum(int(p["batch_sizes"].sum()) for p in parts)
+    sizes = np.concatenate([p["batch_sizes"] for p in parts])
+    warm = np.concatenate([p.get("batch_warmup", np.zeros(len(p["batch_sizes"]), bool)) for p in parts])
+    keep = ~warm if (~warm).any() else np.ones_like(warm)
 
     def total(key: str) -> float:
-        return sum(float(p[key].sum()) for p in parts if key in p)
+        values = np.concatenate([p.get(key, np.zeros(len(p["batch_sizes"]))) for p in parts])
+        return float(values[keep].sum())
 
+    n = int(sizes[keep].sum())
     sampling, decode = total("batch_seconds"), total("batch_decode_seconds")
     info = cell.info
     return {
@@ -103,7 +98,8 @@ def timing_row(cell: store.CellRecord) -> dict[str, Any]:
         "sampler": info["sampler_label"],
         "nfe": int(info["nfe"]),
         "guidance": float(info["guidance"]),
-        "n_images": n,
+        "n_images": int(sizes.sum()),
+        "n_timed": n,
         "nfe_actual": int(max(int(p["nfe"].max()) for p in parts)),
         "non_finite": int(sum(int((~p["finite"]).sum()) for p in parts)),
         "sec_per_image_sampling": sampling / n,
@@ -141,7 +137,8 @@ def compute_metrics(
         task = progress.add_task("metrics", total=len(finished))
         for cell in finished:
             cfg = cell.info["config"]
-            timings.append(timing_row(cell))
+            timing = timing_row(cell)
+            timings.append(timing)
             if cfg["model"]["name"] != "gmm":
                 not_applicable.add(cell.info["model_label"])
                 progress.advance(task)
@@ -150,7 +147,7 @@ def compute_metrics(
             if mh not in models:
                 models[mh] = load_model(cfg["model"], "cpu")
             model = models[mh]
-            st = _cell_stats(cell)
+            st = _cell_samples(cell)
             ok = st["finite"]
             if not ok.all():
                 console.print(
@@ -165,7 +162,7 @@ def compute_metrics(
                 "nfe": int(cell.info["nfe"]),
                 "guidance": float(cell.info["guidance"]),
                 "n_images": int(ok.sum()),
-                "sec_per_image": st["sec_per_image"],
+                "sec_per_image": timing["sec_per_image_total"],
                 "nfe_actual": nfe_actual,
             }
             for name in names:
@@ -233,7 +230,8 @@ def compute_metrics(
         "interval": f"95% bootstrap over samples, {reps} resamples (basic interval for fd_exact, "
         "percentile for means)",
         "nfe": "model evaluations per sample, counted outside guidance",
-        "sec_per_image": "sampling wall time per sample (model load excluded)",
+        "sec_per_image": "sampling plus decoding wall time per sample, device-synchronised; model load and "
+        "warm-up batches (the first of each sampler in a worker) excluded",
         "versions": versions(),
         "git_commit": git_commit(),
     }

@@ -22,7 +22,6 @@ import torch
 
 from samplebench.errors import UsageError
 from samplebench.models.base import sigmas_from_alphas_cumprod
-from samplebench.samplers.schedules import sigma_to_t
 
 HUB_IDS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -147,8 +146,8 @@ def load_pipeline(cfg: dict[str, Any], dtype: torch.dtype) -> Any:
         if local:
             raise UsageError(f"cannot load model.path={source}: {reason}") from e
         raise UsageError(
-            f"model={cfg['name']}: {source} is not in the local Hugging Face cache and could not be downloaded; "
-            f"download it where there is network, or set model.path=<local copy of {source}>"
+            f"model={cfg['name']}: {source} is not in the local Hugging Face cache and could not be "
+            f"downloaded; download it where there is network, or set model.path=<local copy of {source}>"
         ) from e
 
 
@@ -176,6 +175,7 @@ class DiffusersModel:
         self._betas = train.betas.numpy().copy()
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
         self.train_sigmas = sigmas_from_alphas_cumprod(train.alphas_cumprod)
+        self._log_sigmas = self.train_sigmas.log().numpy()  # for sigma -> t on every call
         self.net = pipe.transformer if self.kind == "class" else pipe.unet
         self.vae = getattr(pipe, "vae", None)
         size = self.net.config.sample_size
@@ -213,8 +213,11 @@ class DiffusersModel:
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Training timestep (fractional) of each noise level, on the model's device."""
-        t = sigma_to_t(self.train_sigmas, sigma.detach().double().cpu().reshape(-1))
-        return t.to(self.device, torch.float32)
+        log_s = np.log(
+            np.clip(sigma.detach().double().cpu().reshape(-1).numpy(), *np.exp(self._log_sigmas[[0, -1]]))
+        )
+        t = np.interp(log_s, self._log_sigmas, np.arange(len(self._log_sigmas)))  # as sigma_to_t
+        return torch.as_tensor(t, dtype=torch.float32, device=self.device)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         timesteps = self.timestep(sigma)
