@@ -178,6 +178,8 @@ class DiffusersModel:
         self._log_sigmas = self.train_sigmas.log().numpy()  # for sigma -> t on every call
         self.net = pipe.transformer if self.kind == "class" else pipe.unet
         self.vae = getattr(pipe, "vae", None)
+        if self.vae is not None and self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast"):
+            self.vae.to(torch.float32)  # as the SDXL pipelines do: its fp16 VAE overflows to NaN
         size = self.net.config.sample_size
         size = size[0] if isinstance(size, list | tuple) else int(size)
         channels = self.net.config.in_channels
