@@ -1,0 +1,388 @@
+"""Image metrics for a cell: FID, KID, IS, precision/recall (torch-fidelity's Inception port, or
+clean-fid's resize), CLIP score (open_clip), ImageReward, and traj_mse.
+
+Features are extracted shard by shard and cached per shard, keyed by the shard's image content
+and the extractor's protocol, so memory stays flat in the number of images and a second pass,
+more images or another metric recompute nothing already done. Reference statistics are cached
+the same way, keyed by the reference images and the protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samplebench import store
+from samplebench.errors import UsageError
+from samplebench.metrics import stats
+
+IMAGE_METRICS = (
+    "fid",
+    "kid",
+    "is",
+    "precision",
+    "recall",
+    "clip_score",
+    "clip_score_paper",
+    "image_reward",
+    "traj_mse",
+)
+NEEDS_REF = ("fid", "kid", "precision", "recall")
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def shard_content_key(path: Path) -> str:
+    """A content key for a shard's images without reading them: the zip member's CRC-32 and size."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("images.npy")
+        return f"{info.CRC:08x}-{info.file_size}"
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    store.atomic_write_bytes(path, buf.getvalue())
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Reference statistics (and features when available) with what made them."""
+
+    source: str
+    content_hash: str
+    protocol: dict[str, str]
+    mu: np.ndarray
+    sigma: np.ndarray
+    pool: np.ndarray | None
+
+
+@dataclass
+class ImageContext:
+    """Extractors and caches shared by every cell of a metrics pass (each built once, lazily)."""
+
+    cfg: dict[str, Any]
+    cache_root: Path
+    device: str = "cpu"
+    _inception: Any = None
+    _clip: Any = None
+    _reward: Any = None
+    _reference: Reference | None = None
+    models: dict[str, Any] = field(default_factory=dict)
+    recomputed: int = 0  # feature extractions actually run in this pass (0 on a fully cached pass)
+
+    def sub(self, key: str) -> dict[str, Any]:
+        return dict(self.cfg.get(key) or {})
+
+    def inception(self) -> Any:
+        if self._inception is None:
+            from samplebench.metrics.inception import InceptionFeatures
+
+            self._inception = InceptionFeatures(
+                mode=self.sub("fid").get("mode", "legacy"),
+                weights_path=self.cfg.get("inception_weights"),
+                device=self.device,
+                batch_size=int(self.cfg.get("batch_size", 64)),
+            )
+        return self._inception
+
+    def clip(self) -> Any:
+        if self._clip is None:
+            from samplebench.metrics.clip_score import ClipScorer
+
+            c = self.sub("clip")
+            self._clip = ClipScorer(
+                model=c.get("model", "ViT-L-14"),
+                pretrained=c.get("pretrained", "openai"),
+                model_config=c.get("model_config"),
+                device=self.device,
+                batch_size=int(self.cfg.get("batch_size", 64)),
+            )
+        return self._clip
+
+    def reward(self) -> Any:
+        if self._reward is None:
+            from samplebench.metrics.image_reward import ImageRewardScorer
+
+            c = self.sub("image_reward")
+            if not c.get("checkpoint"):
+                raise UsageError(
+                    "image_reward needs the official checkpoint: download ImageReward.pt where there "
+                    "is network and set metrics.image_reward.checkpoint=<path>"
+                )
+            kwargs = {k: c[k] for k in ("med_config", "tokenizer") if c.get(k)}
+            self._reward = ImageRewardScorer(c["checkpoint"], device=self.device, **kwargs)
+        return self._reward
+
+    # -- cached per-shard quantities ---------------------------------------------------------
+    def _cached(self, kind: str, fingerprint: str, key: str, compute) -> dict[str, np.ndarray]:
+        path = self.cache_root / "features" / kind / fingerprint / f"{key}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        out = compute()
+        self.recomputed += 1
+        _save_npz(path, **out)
+        return out
+
+    def inception_features(self, shard: Path) -> dict[str, np.ndarray]:
+        ext = self.inception()
+        return self._cached(
+            "inception",
+            ext.fingerprint(),
+            shard_content_key(shard),
+            lambda: {
+                k: v.astype(np.float32)
+                for k, v in ext(store.read_shard(shard, ("images",))["images"]).items()
+            },
+        )
+
+    def clip_cosines(self, shard: Path) -> np.ndarray:
+        scorer = self.clip()
+        data = store.read_shard(shard, ("prompts",))
+        key = _digest(shard_content_key(shard), list(data["prompts"]))
+        fp = _digest(scorer.protocol)
+        return self._cached(
+            "clip",
+            fp,
+            key,
+            lambda: {
+                "cos": scorer.cosine(store.read_shard(shard, ("images",))["images"], list(data["prompts"]))
+            },
+        )["cos"]
+
+    def rewards(self, shard: Path) -> np.ndarray:
+        scorer = self.reward()
+        data = store.read_shard(shard, ("prompts",))
+        key = _digest(shard_content_key(shard), list(data["prompts"]))
+        return self._cached(
+            "image_reward",
+            _digest(scorer.protocol),
+            key,
+            lambda: {"reward": scorer(store.read_shard(shard, ("images",))["images"], list(data["prompts"]))},
+        )["reward"]
+
+    # -- reference statistics ------------------------------------------------------------------
+    def reference(self) -> Reference:
+        if self._reference is None:
+            self._reference = load_reference(self, self.cfg.get("ref"))
+        return self._reference
+
+
+def _folder_hash(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def load_reference(ctx: ImageContext, ref: str | None) -> Reference:
+    """Reference statistics from an image folder, a folder of shards, or an .npz with mu and sigma."""
+    if not ref:
+        raise UsageError(
+            "fid, kid, precision and recall need reference images: set metrics.ref=<image folder, "
+            "run folder or .npz with mu/sigma>"
+        )
+    path = Path(ref)
+    if not path.exists():
+        raise UsageError(
+            f"metrics.ref={ref} does not exist; point it at an image folder, a run folder or an .npz"
+        )
+    ext = ctx.inception()
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "mu" not in z.files or "sigma" not in z.files:
+                raise UsageError(
+                    f"metrics.ref={ref} has no mu and sigma arrays; give an image folder instead"
+                )
+            recorded = json.loads(str(z["protocol"])) if "protocol" in z.files else None
+            pool = z["pool"] if "pool" in z.files else None
+            mu, sigma = z["mu"], z["sigma"]
+        if recorded is None and not ctx.cfg.get("ref_trust", False):
+            raise UsageError(
+                f"metrics.ref={ref} does not record how its statistics were computed; set "
+                "metrics.ref_trust=true to use it anyway, or give the reference images"
+            )
+        if recorded is not None and recorded != ext.protocol:
+            diff = sorted(
+                k for k in set(recorded) | set(ext.protocol) if recorded.get(k) != ext.protocol.get(k)
+            )
+            raise UsageError(
+                f"metrics.ref={ref} was computed with a different protocol ({', '.join(diff)} differ); "
+                "recompute it from the reference images"
+            )
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:24]
+        return Reference(str(path), digest, recorded or {"trusted": "true"}, mu, sigma, pool)
+    shards = sorted(path.rglob("shard-*.npz"))
+    if shards:
+        parts = [ctx.inception_features(s) for s in shards]
+        pool = np.concatenate([p["pool"] for p in parts]).astype(np.float64)
+        digest = _digest([shard_content_key(s) for s in shards])
+    else:
+        from samplebench.metrics.images import iter_image_batches, list_images
+
+        files = list_images(path)
+        digest = _folder_hash(files)
+
+        def compute() -> dict[str, np.ndarray]:
+            feats = [
+                ext(batch)["pool"].astype(np.float32)
+                for batch in iter_image_batches(files, int(ctx.cfg.get("batch_size", 64)))
+            ]
+            return {"pool": np.concatenate(feats)}
+
+        pool = ctx._cached("reference", ext.fingerprint(), digest, compute)["pool"].astype(np.float64)
+    from samplebench.metrics.inception import statistics
+
+    mu, sigma = statistics(pool)
+    return Reference(str(path), digest, ext.protocol, mu, sigma, pool)
+
+
+def save_reference(ref: Reference, path: Path) -> None:
+    """An .npz with mu, sigma and the protocol, usable as metrics.ref= later (and checked against it)."""
+    _save_npz(path, mu=ref.mu, sigma=ref.sigma, protocol=np.asarray(json.dumps(ref.protocol, sort_keys=True)))
+
+
+@dataclass
+class CellScores:
+    """What scoring one cell (or one image folder) produced."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metric, value, ci_low, ci_high
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)  # per-image metric values
+    protocols: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> protocol record
+
+
+def score_features(
+    ctx: ImageContext,
+    names: list[str],
+    pool: np.ndarray | None,
+    logits: np.ndarray | None,
+    per_image: dict[str, np.ndarray],
+) -> CellScores:
+    """Metric rows from features that are already extracted (cells and plain folders share this)."""
+    from samplebench.metrics import inception as inc
+
+    out = CellScores(per_image=dict(per_image))
+    reps = int(ctx.cfg.get("bootstrap", 200))
+    fid_reps = int(ctx.sub("fid").get("bootstrap", min(reps, 200)))
+    proto = dict(ctx.inception().protocol) if pool is not None else {}
+    if any(n in NEEDS_REF for n in names):
+        ref = ctx.reference()
+        proto_ref = {
+            **proto,
+            "reference": ref.source,
+            "reference_hash": ref.content_hash,
+            "reference_images": str(len(ref.pool)) if ref.pool is not None else "statistics only",
+        }
+    for name in names:
+        if name == "fid":
+            value = inc.fid_from_features(pool, ref.mu, ref.sigma)
+            lo, hi = stats.percentile_interval(stats.fid_bootstrap(pool, ref.mu, ref.sigma, fid_reps))
+            out.rows.append(dict(metric="fid", value=value, ci_low=lo, ci_high=hi))
+            out.protocols["fid"] = {
+                **proto_ref,
+                "interval": f"percentile bootstrap of generated features, "
+                f"{fid_reps} resamples; FID is biased upward at small n",
+            }
+        elif name in ("kid", "precision", "recall"):
+            if ref.pool is None:
+                raise UsageError(
+                    f"{name} needs reference features, but metrics.ref={ref.source} holds only mu "
+                    "and sigma; give the reference images"
+                )
+            if name == "kid":
+                k = ctx.sub("kid")
+                size = min(int(k.get("subset_size", 1000)), len(pool), len(ref.pool))
+                value, _ = inc.kid_from_features(
+                    pool, ref.pool, subsets=int(k.get("subsets", 100)), subset_size=size
+                )
+                lo, hi = stats.percentile_interval(stats.kid_bootstrap(pool, ref.pool, fid_reps))
+                out.rows.append(dict(metric="kid", value=value, ci_low=lo, ci_high=hi))
+                out.protocols["kid"] = {
+                    **proto_ref,
+                    "subsets": str(k.get("subsets", 100)),
+                    "subset_size": str(size),
+                    "interval": "percentile bootstrap of the "
+                    "whole-set unbiased MMD^2 over generated features",
+                }
+            else:
+                nb = int(ctx.sub("prc").get("neighborhood", 3))
+                precision, recall = inc.prc_from_features(pool, ref.pool, neighborhood=nb)
+                value = precision if name == "precision" else recall
+                out.rows.append(dict(metric=name, value=value, ci_low=float("nan"), ci_high=float("nan")))
+                out.protocols[name] = {**proto_ref, "neighborhood": str(nb), "interval": "none"}
+        elif name == "is":
+            splits = int(ctx.sub("is").get("splits", 10))
+            value, _ = inc.isc_from_logits(logits, splits=splits)
+            lo, hi = stats.percentile_interval(stats.isc_bootstrap(logits, splits, min(reps, 200)))
+            out.rows.append(dict(metric="is", value=value, ci_low=lo, ci_high=hi))
+            out.protocols["is"] = {
+                **proto,
+                "splits": str(splits),
+                "interval": "percentile bootstrap over images",
+            }
+        elif name in per_image:
+            value, lo, hi = stats.mean_ci(per_image[name], reps)
+            out.rows.append(dict(metric=name, value=value, ci_low=lo, ci_high=hi))
+    return out
+
+
+def score_image_cell(ctx: ImageContext, cell: store.CellRecord, names: list[str]) -> CellScores:
+    """Every requested image metric of one finished cell, streaming its shards."""
+    from samplebench.metrics import trajectory
+
+    want_inception = any(n in ("fid", "kid", "is", "precision", "recall") for n in names)
+    want_clip = any(n in ("clip_score", "clip_score_paper") for n in names)
+    pools, logits, cos, rewards, mse = [], [], [], [], []
+    for _, _, path in cell.shards():
+        keep = store.read_shard(path, ("finite",))["finite"]
+        if want_inception:
+            f = ctx.inception_features(path)
+            pools.append(f["pool"][keep])
+            logits.append(f["logits"][keep])
+        if want_clip:
+            cos.append(ctx.clip_cosines(path)[keep])
+        if "image_reward" in names:
+            rewards.append(ctx.rewards(path)[keep])
+        if "traj_mse" in names:
+            data = store.read_shard(path, ("samples", "indices"))
+            ref = trajectory.reference_latents(ctx, cell, path, data["indices"])
+            mse.append(trajectory.per_image_mse(data["samples"], ref)[keep])
+    per_image: dict[str, np.ndarray] = {}
+    protocols: dict[str, dict[str, Any]] = {}
+    if want_clip:
+        from samplebench.metrics.clip_score import clip_score_paper, clip_score_torchmetrics
+
+        c = np.concatenate(cos)
+        per_image["clip_score"] = clip_score_torchmetrics(c)
+        per_image["clip_score_paper"] = clip_score_paper(c)
+        for n, scale in (
+            ("clip_score", "100 x max(cos, 0) (torchmetrics)"),
+            ("clip_score_paper", "2.5 x max(cos, 0) (CLIPScore paper, Hessel et al. 2021)"),
+        ):
+            protocols[n] = {
+                **ctx.clip().protocol,
+                "scaling": scale,
+                "interval": "percentile bootstrap over images",
+            }
+    if rewards:
+        per_image["image_reward"] = np.concatenate(rewards)
+        protocols["image_reward"] = {**ctx.reward().protocol, "interval": "percentile bootstrap over images"}
+    if mse:
+        per_image["traj_mse"] = np.concatenate(mse)
+        protocols["traj_mse"] = trajectory.describe(ctx)
+    pool = np.concatenate(pools).astype(np.float64) if pools else None
+    logit = np.concatenate(logits).astype(np.float64) if logits else None
+    scores = score_features(ctx, names, pool, logit, per_image)
+    scores.protocols.update(protocols)
+    return scores
