@@ -114,6 +114,40 @@ def report(overrides: list[str] = OVERRIDES) -> None:
         err.print(f"  {f}")
 
 
+@app.command()
+def score(
+    path: Path = typer.Argument(..., help="an image folder, or a folder of samplebench shards"),
+    ref: str = typer.Option(
+        None, "--ref", help="reference: image folder, folder of shards, or .npz with mu/sigma"
+    ),
+    prompts: Path = typer.Option(None, "--prompts", help="text file, one prompt per image (file-name order)"),
+    out_csv: Path = typer.Option(None, "--out", help="also write the rows to this CSV file"),
+    overrides: list[str] = typer.Argument(None, help="metrics options, e.g. metrics.fid.mode=clean"),
+) -> None:
+    """Score any image folder (or shard run) against any reference."""
+    from omegaconf import OmegaConf
+
+    from samplebench.config import _check_override, _compose
+    from samplebench.metrics.score import score_path
+
+    base = _compose([])
+    for o in overrides or []:
+        _check_override(o.split("=")[0], [], base)
+    cfg = OmegaConf.to_container(_compose(list(overrides or [])), resolve=True)
+    metrics_cfg = {**cfg["metrics"], "ref": ref or cfg["metrics"].get("ref")}
+    df, protocols = score_path(path, metrics_cfg, Path(cfg["results_dir"]) / ".cache", prompts)
+    table = Table(title=f"{path} vs {metrics_cfg['ref'] or '(no reference)'}")
+    for col in ("metric", "value", "95% CI", "images"):
+        table.add_column(col)
+    for r in df.itertuples():
+        table.add_row(r.metric, f"{r.value:.6g}", f"[{r.ci_low:.6g}, {r.ci_high:.6g}]", str(r.n_images))
+    out.print(table)
+    for metric, proto in protocols.items():
+        err.print(f"{metric}: " + ", ".join(f"{k}={v}" for k, v in proto.items()), highlight=False)
+    if out_csv:
+        df.to_csv(out_csv, index=False)
+
+
 @app.command("list")
 def list_(what: str = typer.Argument("samplers", help="samplers, models or metrics")) -> None:
     """List registered samplers (with their NFE rule), models or metrics."""
