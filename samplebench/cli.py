@@ -19,8 +19,9 @@ app = typer.Typer(
     help="Benchmark diffusion and flow model samplers. Arguments are Hydra overrides: "
     "key=value, comma lists sweep (sampler=ddim,dpmpp nfe=5,10,20).",
 )
-out = Console()
-err = Console(stderr=True)
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+out = Console() if sys.stdout.isatty() else Console(width=160)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 _state = {"debug": False}
 
 OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. model=gmm sampler=ddim,dpmpp nfe=5,10 run=demo")
@@ -146,6 +147,43 @@ def score(
         err.print(f"{metric}: " + ", ".join(f"{k}={v}" for k, v in proto.items()), highlight=False)
     if out_csv:
         df.to_csv(out_csv, index=False)
+
+
+@app.command()
+def check(
+    overrides: list[str] = OVERRIDES,
+    baseline: Path = typer.Option(..., "--baseline", help="a metrics.csv to compare against"),
+    tolerance: str = typer.Option("rel=0.05", "--tolerance", help="rel=0.05, abs=0.01, or ci"),
+) -> None:
+    """Exit 1 when a run regressed against a baseline: samplebench check run=NAME --baseline FILE."""
+    from samplebench.report.check import Tolerance, compare, load_metrics
+
+    tol = Tolerance.parse(tolerance)
+    run_dir, _ = _run_dir(overrides or [])
+    result = compare(
+        load_metrics(run_dir / "metrics.csv", "run metrics"), load_metrics(baseline, "baseline"), tol
+    )
+    bad = result[result.status != "ok"]
+    if bad.empty:
+        out.print(f"check passed: {len(result)} rows of {baseline} within tolerance {tolerance}")
+        return
+    table = Table(title=f"{len(bad)} of {len(result)} rows regressed beyond {tolerance} (or are missing)")
+    for col in ("model", "sampler", "nfe", "guidance", "metric", "baseline", "run", "worse by", "status"):
+        table.add_column(col)
+    for r in bad.itertuples():
+        table.add_row(
+            str(r.model),
+            str(r.sampler),
+            str(r.nfe),
+            f"{r.guidance:g}",
+            f"{r.metric} ({r.direction})",
+            f"{r.baseline:.6g}",
+            f"{r.run:.6g}",
+            f"{r.worse_by:.3g}",
+            str(r.status),
+        )
+    out.print(table)
+    sys.exit(1)
 
 
 @app.command("list")

@@ -35,6 +35,9 @@ LOWER_IS_BETTER: dict[str, bool] = {
     "is": False,
     "clip_score": False,
     "image_reward": False,
+    "clip_score_paper": False,
+    "precision": False,
+    "recall": False,
 }
 
 

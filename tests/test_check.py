@@ -1,0 +1,72 @@
+"""`samplebench check`: the project's own regression check against the committed baseline."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+BASELINE = Path(__file__).resolve().parents[1] / "results" / "baselines" / "gmm-small.csv"
+SWEEP = ["sampler=ddim,dpmpp,unipc", "nfe=5,10", "guidance=1,2", "num_images=500", "metrics.bootstrap=200"]
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "samplebench.cli", *args], capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("check")
+    r = cli("sweep", *SWEEP, "run=ci-check", f"results_dir={root}")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def check(root, baseline, *extra):
+    return cli("check", "run=ci-check", f"results_dir={root}", "--baseline", str(baseline), *extra)
+
+
+def test_the_committed_baseline_passes(run):
+    # The same small analytic sweep CI runs: it must reproduce the committed numbers.
+    r = check(run, BASELINE)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "check passed: 24 rows" in " ".join(r.stdout.split())
+
+
+def test_an_injected_regression_fails_with_a_table(run, tmp_path):
+    metrics = run / "ci-check" / "metrics.csv"
+    original = metrics.read_text()
+    try:
+        df = pd.read_csv(metrics)
+        worse = (df.sampler == "dpmpp") & (df.nfe == 10) & (df.metric == "traj_err") & (df.guidance == 1.0)
+        df.loc[worse, "value"] *= 1.2  # lower is better: 20% worse
+        df.to_csv(metrics, index=False)
+        r = check(run, BASELINE)
+        assert r.returncode == 1
+        assert "1 of 24 rows regressed" in " ".join(r.stdout.split())
+        assert "dpmpp" in r.stdout and "traj_err" in r.stdout
+        assert check(run, BASELINE, "--tolerance", "rel=0.25").returncode == 0  # within a looser tolerance
+        assert check(run, BASELINE, "--tolerance", "ci").returncode == 1  # outside the baseline's interval
+        better = df.copy()
+        better.loc[worse, "value"] /= 1.2 * 1.5  # an improvement is never a regression
+        better.to_csv(metrics, index=False)
+        assert check(run, BASELINE, "--tolerance", "abs=0").returncode == 0
+    finally:
+        metrics.write_text(original)
+
+
+def test_missing_rows_fail(run, tmp_path):
+    extra = pd.read_csv(BASELINE)
+    extra = pd.concat([extra, extra.iloc[[0]].assign(sampler="heun")])
+    path = tmp_path / "baseline.csv"
+    extra.to_csv(path, index=False)
+    r = check(run, path)
+    assert r.returncode == 1 and "missing" in r.stdout
+
+
+def test_bad_tolerance_is_a_usage_error(run):
+    r = check(run, BASELINE, "--tolerance", "lots")
+    assert r.returncode == 2 and r.stderr.startswith("error: --tolerance lots")
