@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 RUN    ?= demo
 ARGS   ?=
 
-.PHONY: install demo test lint sweep report bench clean
+.PHONY: install demo test lint sweep report check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,15 @@ sweep: install ## make sweep ARGS="sampler=ddim,dpmpp nfe=5,10 run=mine"
 report: install ## make report RUN=demo
 	$(BIN)/samplebench report run=$(RUN)
 
+check: install ## the CI regression check: a small analytic sweep against results/baselines/gmm-small.csv
+	$(BIN)/samplebench sweep sampler=ddim,dpmpp,unipc nfe=5,10 guidance=1,2 num_images=500 \
+		metrics.bootstrap=200 run=ci-check
+	$(BIN)/samplebench check run=ci-check --baseline results/baselines/gmm-small.csv
+
 bench: install ## benchmarks (not tests); figures go to BENCHMARKS.md
 	$(BIN)/python bench/bench_generate.py
+	$(BIN)/python bench/bench_vs_diffusers.py
+	$(BIN)/python bench/bench_features.py
 
 clean:
 	find results -mindepth 1 -maxdepth 1 ! -name baselines ! -name README.md -exec rm -rf {} +

@@ -31,8 +31,8 @@ LEADERBOARD_COLUMNS: tuple[str, ...] = (
 TIE_MARK = "≈"
 MISSING = "—"
 LEGEND = (
-    f"Cells: value [95% CI]. Best per NFE column in **bold**; {TIE_MARK} = 95% CI overlaps the best's "
-    "(difference not significant); — = not run."
+    f"Cells: value [95% CI]. Best per NFE column in **bold**; {TIE_MARK} = tied with the best (95% CIs "
+    "overlap, or a paired test on the same images is not significant at 5%); — = not run."
 )
 
 BoardKey = tuple[str, str, float]
@@ -106,9 +106,28 @@ def _pivot(group: pd.DataFrame, column: str, samplers: list[str], nfes: list[Any
     return table.astype(float)
 
 
-def leaderboard_tables(df: pd.DataFrame) -> dict[BoardKey, Leaderboard]:
+def _paired_ties(
+    paired: pd.DataFrame | None, model: str, metric: str, guidance: float, nfe: Any, best: str
+) -> set[str]:
+    """Samplers whose paired test against the best (same images) is not significant at 5%."""
+    if paired is None or paired.empty:
+        return set()
+    rows = paired[
+        (paired.model == model)
+        & (paired.metric == metric)
+        & (paired.guidance == guidance)
+        & (paired.nfe == nfe)
+        & ((paired.sampler_a == best) | (paired.sampler_b == best))
+    ]
+    rows = rows[rows.p_value >= 0.05]
+    return {b if a == best else a for a, b in zip(rows.sampler_a, rows.sampler_b, strict=True)}
+
+
+def leaderboard_tables(df: pd.DataFrame, paired: pd.DataFrame | None = None) -> dict[BoardKey, Leaderboard]:
     """One Leaderboard per (model, metric, guidance), keyed and ordered by that triple.
 
+    A sampler ties with the best when their intervals overlap or, given `paired` (paired.csv: per-image
+    paired tests on the same seeds), when the paired difference is not significant.
     Raises ValueError for missing columns, duplicate keys or a metric without a known direction.
     """
     require_columns(df, LEADERBOARD_COLUMNS)
@@ -129,6 +148,8 @@ def leaderboard_tables(df: pd.DataFrame) -> dict[BoardKey, Leaderboard]:
             result = _column_best(values[nfe], low[nfe], high[nfe], lower)
             if result is not None:
                 best[nfe], ties[nfe] = result
+                extra = _paired_ties(paired, str(model), str(metric), float(guidance), nfe, best[nfe])
+                ties[nfe] = frozenset(ties[nfe] | (extra & set(values[nfe].dropna().index)))
         key = (str(model), str(metric), float(guidance))
         boards[key] = Leaderboard(*key, values=values, ci_low=low, ci_high=high, best=best, ties=ties)
     return boards
@@ -196,7 +217,8 @@ def rich_table(board: Leaderboard) -> Table:
     """One board as a rich Table; Text cells, so brackets in values or names are never read as markup."""
     table = Table(
         title=board.heading,
-        caption="value [95% CI]; best in bold green; ≈ = CI overlaps the best's; — = not run",
+        caption="value [95% CI]; best in bold green; ≈ = tied with the best (CI overlap or paired test); "
+        "— = not run",
     )
     table.add_column("sampler", style="cyan", no_wrap=True)
     nfes = list(board.values.columns)
@@ -223,3 +245,127 @@ def print_rich(boards: Mapping[Any, Leaderboard] | Iterable[Leaderboard], consol
     for board in _boards(boards):
         console.print(rich_table(board))
         console.print()
+
+
+def render_html(boards: Mapping[Any, Leaderboard] | Iterable[Leaderboard]) -> str:
+    """HTML tables (for the report page): best cells <strong class="best">, ties marked."""
+    import html
+
+    parts: list[str] = []
+    for board in _boards(boards):
+        nfes = list(board.values.columns)
+        head = "".join(f"<th>NFE {html.escape(str(n))}</th>" for n in nfes)
+        body = []
+        for sampler in board.values.index:
+            cells = []
+            for nfe in nfes:
+                text = _cell_text(board, sampler, nfe)
+                if text is None:
+                    cells.append(f'<td class="missing">{MISSING}</td>')
+                elif board.best.get(nfe) == sampler:
+                    cells.append(f'<td class="best"><strong>{html.escape(text)}</strong></td>')
+                elif sampler in board.ties.get(nfe, ()):
+                    cells.append(f'<td class="tie">{html.escape(text)} {TIE_MARK}</td>')
+                else:
+                    cells.append(f"<td>{html.escape(text)}</td>")
+            body.append(f"<tr><th>{html.escape(str(sampler))}</th>{''.join(cells)}</tr>")
+        parts.append(
+            f"<h3>{html.escape(board.heading)}</h3>\n"
+            f'<table class="leaderboard"><thead><tr><th>sampler</th>{head}'
+            f'</tr></thead><tbody>{"".join(body)}</tbody></table>\n<p class="legend">'
+            f"{html.escape(LEGEND.replace('**', ''))}</p>"
+        )
+    return "\n".join(parts)
+
+
+def leaderboard_csv(boards: Mapping[Any, Leaderboard] | Iterable[Leaderboard]) -> pd.DataFrame:
+    """Long table of every board cell with its best/tie flags."""
+    rows = []
+    for board in _boards(boards):
+        for sampler in board.values.index:
+            for nfe in board.values.columns:
+                value = board.values.at[sampler, nfe]
+                if math.isnan(value):
+                    continue
+                rows.append(
+                    {
+                        "model": board.model,
+                        "metric": board.metric,
+                        "guidance": board.guidance,
+                        "sampler": sampler,
+                        "nfe": nfe,
+                        "value": value,
+                        "ci_low": board.ci_low.at[sampler, nfe],
+                        "ci_high": board.ci_high.at[sampler, nfe],
+                        "best": board.best.get(nfe) == sampler,
+                        "tied": sampler in board.ties.get(nfe, ()),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def best_per_budget(df: pd.DataFrame) -> pd.DataFrame:
+    """The best sampler per budget, by NFE and by seconds per image.
+
+    By NFE: the best cell at each NFE. By time: for each measured seconds-per-image t (ascending), the
+    best cell among those that cost at most t: the sampler to pick for that time budget.
+    """
+    require_columns(df, LEADERBOARD_COLUMNS)
+    rows = []
+    for (model, metric, guidance), group in df.groupby(["model", "metric", "guidance"], sort=True):
+        lower = lower_is_better(str(metric))
+        for nfe, col in group.groupby("nfe", sort=True):
+            best = col.loc[col["value"].idxmin() if lower else col["value"].idxmax()]
+            rows.append(
+                {
+                    "model": model,
+                    "metric": metric,
+                    "guidance": guidance,
+                    "budget": "nfe",
+                    "limit": float(nfe),
+                    "sampler": best.sampler,
+                    "nfe": int(best.nfe),
+                    "sec_per_image": float(best.get("sec_per_image", float("nan"))),
+                    "value": best.value,
+                }
+            )
+        if "sec_per_image" in group and group["sec_per_image"].notna().any():
+            ordered = group.dropna(subset=["sec_per_image"]).sort_values("sec_per_image")
+            current = None
+            for t in ordered["sec_per_image"]:
+                within = ordered[ordered["sec_per_image"] <= t]
+                best = within.loc[within["value"].idxmin() if lower else within["value"].idxmax()]
+                if current is not None and best.name == current:
+                    continue
+                current = best.name
+                rows.append(
+                    {
+                        "model": model,
+                        "metric": metric,
+                        "guidance": guidance,
+                        "budget": "seconds",
+                        "limit": float(t),
+                        "sampler": best.sampler,
+                        "nfe": int(best.nfe),
+                        "sec_per_image": float(best.sec_per_image),
+                        "value": best.value,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def best_per_budget_markdown(best: pd.DataFrame) -> str:
+    """Markdown of best_per_budget: one table per (model, metric, guidance)."""
+    parts = []
+    for (model, metric, guidance), group in best.groupby(["model", "metric", "guidance"], sort=True):
+        lines = [
+            f"### best sampler per budget · {model} · {metric} · guidance {guidance:g}",
+            "",
+            "| budget | sampler | NFE | s/image | value |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for r in group.itertuples():
+            limit = f"NFE {r.limit:g}" if r.budget == "nfe" else f"≤ {r.limit:.3g} s/image"
+            lines.append(f"| {limit} | {r.sampler} | {r.nfe} | {r.sec_per_image:.3g} | {_fmt(r.value)} |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
