@@ -83,6 +83,20 @@ def prepare_cell_dir(run_dir: Path, cell: Cell) -> Path:
     return path
 
 
+def _append_provenance(run_dir: Path, cells: list[Cell]) -> None:
+    """Each generate invocation appends what made it (versions, commit, devices, resolved configs, seeds)."""
+    import json
+
+    from samplebench import provenance
+
+    path = run_dir / "provenance.json"
+    history = json.loads(path.read_text()) if path.exists() else []
+    configs = {str(c.rel_dir): {"config_hash": c.config_hash, "config": c.config} for c in cells}
+    seeds = sorted({int(c.config["seed"]) for c in cells})
+    history.append(provenance.record(extra={"stage": "generate", "seeds": seeds, "cells": configs}))
+    store.write_json(path, history)
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
@@ -243,6 +257,7 @@ def generate(
     first = cells[0].config
     run_dir = Path(first["results_dir"]) / first["run"]
     store.ensure_writable(run_dir)
+    _append_provenance(run_dir, cells)
     steps = {c: steps_for(c) for c in cells}  # every NFE error before any work starts
     ordered = sorted(cells, key=lambda c: (c.model_hash, c.sampler_label, c.nfe, c.guidance))
     todo = []

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ from samplebench import store
 from samplebench.errors import UsageError
 from samplebench.metrics import analytic
 from samplebench.models import load_model
+from samplebench.provenance import git_commit, versions
 
 COLUMNS = [
     "model",
@@ -33,30 +31,6 @@ COLUMNS = [
     "nfe_actual",
 ]
 KEY = ["model", "sampler", "nfe", "guidance", "metric"]
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("samplebench", "torch", "diffusers", "numpy", "scipy", "hydra-core"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def _cell_samples(cell: store.CellRecord) -> dict[str, np.ndarray]:
