@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import time
 from pathlib import Path
@@ -50,14 +51,34 @@ def _generate(overrides: list[str]):
     from samplebench.config import plan
 
     cells = plan(overrides)  # only Hydra so far: bad overrides fail before torch is imported
-    from samplebench.generate import generate
+    from samplebench.generate import GenerationSummary, generate
+    from samplebench.launch import launch
 
-    summary = generate(cells, err)
-    err.print(
-        f"generated {summary.shards_written} shards, {summary.shards_skipped} already finished, "
-        f"{summary.cells} cells in {summary.run_dir}"
-    )
-    return cells, summary
+    workers = launch(overrides, cells)
+    if workers is None:
+        summary = generate(cells, err, worker=cells[0].config.get("worker"))
+        err.print(
+            f"generated {summary.shards_written} shards, {summary.shards_skipped} already finished, "
+            f"{summary.cells} cells in {summary.run_dir}"
+        )
+        return cells, summary
+    from samplebench import store
+
+    run_dir = Path(cells[0].config["results_dir"]) / cells[0].config["run"]
+    found = {c.key: c for c in store.find_cells(run_dir)}
+    unfinished = [
+        c.rel_dir
+        for c in cells
+        if not found.get((c.model_label, c.sampler_label, c.nfe, c.guidance), None)
+        or not found[(c.model_label, c.sampler_label, c.nfe, c.guidance)].complete()
+    ]
+    if unfinished:
+        raise UsageError(
+            f"{len(unfinished)} cells are unfinished after the workers ended (first: {unfinished[0]}); "
+            "re-run to finish them"
+        )
+    err.print(f"{len(workers)} workers finished all {len(cells)} cells in {run_dir}")
+    return cells, GenerationSummary(run_dir, len(cells), 0, 0, {})
 
 
 def _metrics(run_dir: Path, metrics_cfg: dict):
@@ -215,6 +236,17 @@ def main() -> None:
         if _state["debug"]:
             raise
         sys.stderr.write(f"error: {' '.join(str(e).split())}\n")  # one line, never wrapped
+        sys.exit(2)
+    except OSError as e:
+        if _state["debug"] or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}.get(
+            e.errno, "a file could not be written"
+        )
+        sys.stderr.write(
+            f"error: {what} ({e.filename or e.strerror}); free space or choose another "
+            "results_dir=, then re-run: finished shards are kept\n"
+        )
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted; finished shards are kept, re-run to resume")

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from samplebench.errors import UsageError
 
-GROUPS = ("model", "sampler", "metrics", "prompts")
+GROUPS = ("model", "sampler", "metrics", "prompts", "launcher")
 
 
 def conf_dir() -> Path:
@@ -58,6 +58,8 @@ class Cell:
     def config_hash(self) -> str:
         """Identity of everything that changes the samples (not where they are written)."""
         keys = ("model", "sampler", "nfe", "guidance", "seed", "allow_lower_nfe", "prompts")
+        if self.model.get("name") == "gmm":
+            keys = keys[:-1]  # the analytic model's conditions come from the seed, not from prompts
         ident = {k: self.config.get(k) for k in keys}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -206,5 +208,16 @@ def validate(c: dict[str, Any]) -> None:
         raise UsageError(f"seed={c['seed']} must be a non-negative integer")
     if not isinstance(c["run"], str) or not _RUN_NAME.match(c["run"]):
         raise UsageError(f"run={c['run']} must be a plain folder name (letters, digits, '_', '-', '.')")
+    from samplebench.metrics.names import ALL
+
+    names = (c.get("metrics") or {}).get("names") or []
+    unknown = [n for n in names if n not in ALL]
+    if unknown:
+        raise UsageError(
+            f"metric {unknown[0]} is unknown{_suggest(str(unknown[0]), list(ALL))}; "
+            f"choose from {', '.join(ALL)}"
+        )
+    if not is_int(c.get("workers", 1)) or c.get("workers", 1) < 1:
+        raise UsageError(f"workers={c.get('workers')} must be a positive integer (local worker processes)")
     if not isinstance(c["allow_lower_nfe"], bool):
         raise UsageError("allow_lower_nfe must be true or false")

@@ -6,6 +6,7 @@ made in any order, by any batch size, and resumed after a crash with identical r
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -233,6 +234,27 @@ def _write_shard(cell_dir: Path, first: int, batches: list[Batch], seed: int) ->
     return store.write_shard(cell_dir, first, arrays)
 
 
+def _write_and_log(
+    run_dir: Path, worker: str, cell_dir: Path, first: int, batches: list[Batch], seed: int
+) -> Path:
+    """Write a shard, log it for this worker, then release its claim."""
+    import json
+
+    path = _write_shard(cell_dir, first, batches, seed)
+    log = run_dir / "workers" / f"{worker}.jsonl"
+    log.parent.mkdir(exist_ok=True)
+    entry = {
+        "shard": str(path.relative_to(run_dir)),
+        "images": sum(len(b.indices) for b in batches),
+        "model_calls": sum(int(b.stats["nfe"]) for b in batches),
+        "time": time.time(),
+    }
+    with open(log, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    store.release_claim(cell_dir, first)
+    return path
+
+
 def _drain(
     pending: list[Future], progress: Progress, task: Any, on_shard: Callable[[Path], None] | None, block: bool
 ) -> int:
@@ -248,10 +270,19 @@ def _drain(
 
 
 def generate(
-    cells: list[Cell], console: Console | None = None, on_shard: Callable[[Path], None] | None = None
+    cells: list[Cell],
+    console: Console | None = None,
+    on_shard: Callable[[Path], None] | None = None,
+    worker: str | None = None,
 ) -> GenerationSummary:
-    """Generate every missing shard of every cell; finished shards are skipped."""
+    """Generate every missing shard of every cell; finished shards are skipped.
+
+    Several workers (processes, jobs, nodes) may run this on the same run at once: each claims a shard
+    before making it (store.try_claim), so no shard is made twice, and a claim whose worker died is
+    taken over. Every shard a worker writes is logged in <run>/workers/<worker>.jsonl.
+    """
     console = console or Console(stderr=True)
+    worker = worker or f"{os.uname().nodename}-{os.getpid()}"
     if not cells:
         raise UsageError("the sweep has no cells")
     first = cells[0].config
@@ -274,46 +305,68 @@ def generate(
     loads: dict[str, float] = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     pending: list[Future] = []
-    with (
-        ThreadPoolExecutor(max_workers=1) as writer,
-        Progress(*columns, console=console, transient=True) as progress,
-    ):
-        task = progress.add_task("generate", total=total)
-        for _, group in groupby(todo, key=lambda t: t[0].model_hash):
-            group = [t for t in group if t[3]]
-            if not group:
-                continue
-            start = time.perf_counter()
-            model = load_model(group[0][0].model, group[0][0].config["device"])
-            label = group[0][0].model_label
-            loads[label] = time.perf_counter() - start
-            store.write_json(
-                run_dir / label / "load.json",
-                {
-                    "seconds": loads[label],
-                    "device": describe_device(model.device),
-                    "dtype": str(getattr(model, "model_dtype", model.dtype)),
-                },
-            )
-            warmed: set[str] = set()
-            for cell, cell_dir, size, starts, _ in group:
-                progress.update(task, description=f"{cell.rel_dir}")
-                conditions = CellConditions(model, cell.config)
-                n, bs = int(cell.config["num_images"]), int(cell.config["batch_size"])
-                for s in starts:
-                    shard = list(range(s, min(s + size, n)))
-                    batches = []
-                    for b in range(0, len(shard), bs):
-                        batch = sample_batch(model, cell, shard[b : b + bs], steps[cell], conditions)
-                        # The first batch of each sampler in this process pays lazy imports, allocator and
-                        # kernel warm-up: its images count, its time is left out of the cell's timing.
-                        batch.stats["warmup"] = cell.sampler["name"] not in warmed
-                        warmed.add(cell.sampler["name"])
-                        batches.append(batch)
-                    # Encoding and writing run on a background thread, so the device never waits on disk.
-                    pending.append(
-                        writer.submit(_write_shard, cell_dir, s, batches, int(cell.config["seed"]))
-                    )
-                    written += _drain(pending, progress, task, on_shard, block=False)
-        written += _drain(pending, progress, task, on_shard, block=True)
+    held: list[tuple[Path, int]] = []  # claims taken (released once written, or here on failure)
+    try:
+        with (
+            ThreadPoolExecutor(max_workers=1) as writer,
+            Progress(*columns, console=console, transient=True) as progress,
+        ):
+            task = progress.add_task("generate", total=total)
+            for _, group in groupby(todo, key=lambda t: t[0].model_hash):
+                group = [t for t in group if t[3]]
+                if not group:
+                    continue
+                start = time.perf_counter()
+                model = load_model(group[0][0].model, group[0][0].config["device"])
+                label = group[0][0].model_label
+                loads[label] = time.perf_counter() - start
+                store.write_json(
+                    run_dir / label / "load.json",
+                    {
+                        "seconds": loads[label],
+                        "device": describe_device(model.device),
+                        "dtype": str(getattr(model, "model_dtype", model.dtype)),
+                    },
+                )
+                warmed: set[str] = set()
+                for cell, cell_dir, size, starts, _ in group:
+                    progress.update(task, description=f"{cell.rel_dir}")
+                    conditions = CellConditions(model, cell.config)
+                    n, bs = int(cell.config["num_images"]), int(cell.config["batch_size"])
+                    timeout = float(cell.config.get("claim_timeout", 600))
+                    for s in starts:
+                        if any(f == s for f, _, _ in store.shard_ranges(cell_dir)):
+                            progress.advance(task)  # another worker finished it meanwhile
+                            continue
+                        if not store.try_claim(cell_dir, s, worker, timeout):
+                            progress.advance(task)  # another live worker is on it
+                            continue
+                        held.append((cell_dir, s))
+                        shard = list(range(s, min(s + size, n)))
+                        batches = []
+                        for b in range(0, len(shard), bs):
+                            store.heartbeat(cell_dir, s)
+                            batch = sample_batch(model, cell, shard[b : b + bs], steps[cell], conditions)
+                            # The first batch of each sampler in this process pays lazy imports, allocator and
+                            # kernel warm-up: its images count, its time is left out of the cell's timing.
+                            batch.stats["warmup"] = cell.sampler["name"] not in warmed
+                            warmed.add(cell.sampler["name"])
+                            batches.append(batch)
+                        # Encoding and writing run on a background thread, so the device never waits on disk.
+                        pending.append(
+                            writer.submit(
+                                _write_and_log,
+                                run_dir,
+                                worker,
+                                cell_dir,
+                                s,
+                                batches,
+                                int(cell.config["seed"]),
+                            )
+                        )
+                        written += _drain(pending, progress, task, on_shard, block=False)
+            written += _drain(pending, progress, task, on_shard, block=True)
+    finally:
+        for cell_dir, s in held:
+            store.release_claim(cell_dir, s)
     return GenerationSummary(run_dir, len(cells), written, skipped, loads)

@@ -152,3 +152,66 @@ def ensure_writable(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to {path} ({e.strerror}); choose another results_dir=") from e
+
+
+# -- claims: several workers share one run without doing a shard twice ---------------------------
+def claim_path(cell_dir: Path, first: int) -> Path:
+    return cell_dir / f".claim-{first:08d}"
+
+
+def _claim_is_stale(path: Path, timeout: float) -> bool:
+    """A claim is stale when its heartbeat is older than `timeout` s, or its process on this host is gone."""
+    import socket
+    import time
+
+    try:
+        info = json.loads(path.read_text())
+        age = time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        return True  # unreadable or vanished: nobody holds it usefully
+    if age > timeout:
+        return True
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError):
+            return False
+    return False
+
+
+def try_claim(cell_dir: Path, first: int, worker: str, timeout: float) -> bool:
+    """Claim shard `first` of a cell for `worker`: O_EXCL creation, or taking over a stale claim."""
+    import socket
+
+    path = claim_path(cell_dir, first)
+    payload = json.dumps({"worker": worker, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            mine = json.loads(path.read_text()).get("worker") == worker
+        except (OSError, ValueError):
+            mine = False
+        if not mine and not _claim_is_stale(path, timeout):
+            return False
+        atomic_write_bytes(path, payload)  # take over; re-read in case another worker did the same
+        try:
+            return json.loads(path.read_text()).get("worker") == worker
+        except (OSError, ValueError):
+            return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(payload)
+    return True
+
+
+def heartbeat(cell_dir: Path, first: int) -> None:
+    try:
+        os.utime(claim_path(cell_dir, first))
+    except OSError:
+        pass
+
+
+def release_claim(cell_dir: Path, first: int) -> None:
+    claim_path(cell_dir, first).unlink(missing_ok=True)

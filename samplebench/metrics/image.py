@@ -22,18 +22,9 @@ import numpy as np
 from samplebench import store
 from samplebench.errors import UsageError
 from samplebench.metrics import stats
+from samplebench.metrics.names import IMAGE
 
-IMAGE_METRICS = (
-    "fid",
-    "kid",
-    "is",
-    "precision",
-    "recall",
-    "clip_score",
-    "clip_score_paper",
-    "image_reward",
-    "traj_mse",
-)
+IMAGE_METRICS = IMAGE
 NEEDS_REF = ("fid", "kid", "precision", "recall")
 
 

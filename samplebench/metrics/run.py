@@ -14,6 +14,7 @@ from rich.progress import Progress
 from samplebench import store
 from samplebench.errors import UsageError
 from samplebench.metrics import analytic
+from samplebench.metrics.names import ALL, ANALYTIC
 from samplebench.models import load_model
 from samplebench.provenance import git_commit, versions
 
@@ -83,13 +84,8 @@ def timing_row(cell: store.CellRecord) -> dict[str, Any]:
     }
 
 
-ANALYTIC = ("fd_exact", "traj_err")
-
-
 def _known() -> tuple[str, ...]:
-    from samplebench.metrics.image import IMAGE_METRICS
-
-    return ANALYTIC + IMAGE_METRICS
+    return ALL
 
 
 def _score_gmm(
@@ -185,7 +181,21 @@ def paired_comparisons(per_image: pd.DataFrame, reps: int = 2000) -> pd.DataFram
                         "significant": r["p_value"] < 0.05,
                     }
                 )
-    return pd.DataFrame(rows)
+    columns = [
+        "model",
+        "nfe",
+        "guidance",
+        "metric",
+        "sampler_a",
+        "sampler_b",
+        "diff",
+        "ci_low",
+        "ci_high",
+        "p_value",
+        "n_images",
+        "significant",
+    ]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def compute_metrics(

@@ -1,0 +1,15 @@
+"""Metric names, importable without torch (the planner checks them before any work starts)."""
+
+ANALYTIC = ("fd_exact", "traj_err")
+IMAGE = (
+    "fid",
+    "kid",
+    "is",
+    "precision",
+    "recall",
+    "clip_score",
+    "clip_score_paper",
+    "image_reward",
+    "traj_mse",
+)
+ALL = ANALYTIC + IMAGE

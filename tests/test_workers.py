@@ -1,0 +1,102 @@
+"""Several workers on one run (submitit's local executor, local processes), and SIGKILL at random moments."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from samplebench import store
+
+SWEEP = ["sampler=ddim,dpmpp", "nfe=5,10", "num_images=400", "shard_size=50", "metrics.bootstrap=50"]
+
+
+def cli(*args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "samplebench.cli", *args], capture_output=True, text=True, timeout=900, **kw
+    )
+
+
+def samples(run_dir):
+    out = {}
+    for cell in store.find_cells(run_dir):
+        shards = list(cell.iter_shards())
+        out[cell.key] = np.concatenate([s["samples"] for s in shards])
+    return out
+
+
+def logged_shards(run_dir):
+    entries = []
+    for log in (run_dir / "workers").glob("*.jsonl"):
+        entries += [json.loads(line)["shard"] for line in log.read_text().splitlines()]
+    return entries
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    r = cli("generate", *SWEEP, "run=one", f"results_dir={root}")
+    assert r.returncode == 0, r.stderr
+    return samples(root / "one")
+
+
+@pytest.mark.parametrize("how", [["launcher=local", "launcher.jobs=2"], ["workers=2"]])
+def test_two_workers_split_the_work_without_duplicates(tmp_path, single, how):
+    r = cli("sweep", *SWEEP, *how, "run=two", f"results_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "two"
+    cells = store.find_cells(run)
+    assert len(cells) == 4 and all(c.complete() for c in cells)
+    logged = logged_shards(run)
+    counts = Counter(logged)
+    assert len(logged) == 4 * 8 and max(counts.values()) == 1  # every shard made exactly once
+    assert len(list((run / "workers").glob("*.jsonl"))) == 2  # by two workers
+    assert not list(run.rglob(".claim-*"))  # claims released
+    got = samples(run)
+    for key, value in single.items():
+        np.testing.assert_array_equal(got[key], value)  # identical to a single worker
+    assert (run / "metrics.csv").exists()
+
+
+def test_sigkill_at_random_moments_then_resume(tmp_path, single):
+    rng = random.Random(7)
+    run = tmp_path / "killed"
+    heavy = [*SWEEP[:-1]]  # the same sweep, killed three times before it finishes
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "samplebench.cli",
+                "generate",
+                *heavy,
+                "run=killed",
+                f"results_dir={tmp_path}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        before = len(list(run.rglob("shard-*.npz"))) if run.exists() else 0
+        target = before + rng.randint(1, 4)
+        while proc.poll() is None and len(list(run.rglob("shard-*.npz"))) < target:
+            time.sleep(0.01)
+        time.sleep(rng.random() * 0.2)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = len(list(run.rglob("shard-*.npz")))
+    assert 0 < done_before < 32, "the kills should land mid-sweep"
+    r = cli("generate", *heavy, "run=killed", f"results_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    logged = logged_shards(run)
+    assert max(Counter(logged).values()) == 1  # no finished shard was made again
+    assert len(list(run.rglob("shard-*.npz"))) == 32
+    got = samples(run)
+    for key, value in single.items():
+        np.testing.assert_array_equal(got[key], value)
