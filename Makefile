@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 RUN    ?= demo
 ARGS   ?=
 
-.PHONY: install demo test lint sweep report check bench clean
+.PHONY: install browser demo test lint sweep report check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +16,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+browser: ## Debian's chromium for the HTML report test (skipped where apt-get or root is missing)
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the browser test will be skipped outside CI"
+
 demo: install ## the default sweep (5 samplers x 3 NFE x 1000 samples on the exact analytic model)
 	$(BIN)/samplebench sweep run=$(RUN) $(ARGS)
 	@echo "report: results/$(RUN)/leaderboard.md and results/$(RUN)/plots/"
 
-test: install ## the whole test suite, CPU only
+test: install browser ## the whole test suite, CPU only
 	$(BIN)/ruff check samplebench tests bench
 	$(BIN)/python -m pytest
 

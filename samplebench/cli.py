@@ -89,10 +89,10 @@ def _metrics(run_dir: Path, metrics_cfg: dict):
     return df
 
 
-def _report(run_dir: Path) -> list[Path]:
+def _report(run_dirs: Path | list[Path]) -> list[Path]:
     from samplebench.report.build import build_report
 
-    return build_report(run_dir, out)
+    return build_report(run_dirs, out)
 
 
 @app.command()
@@ -130,9 +130,12 @@ def metrics(overrides: list[str] = OVERRIDES) -> None:
 
 @app.command()
 def report(overrides: list[str] = OVERRIDES) -> None:
-    """Leaderboards and Pareto plots of a scored run: samplebench report run=NAME."""
-    run_dir, _ = _run_dir(overrides or [])
-    for f in _report(run_dir):
+    """Leaderboards, plots, grids and an HTML page: samplebench report run=NAME, or run=a,b to merge runs."""
+    runs = [o.split("=", 1)[1] for o in overrides or [] if o.startswith("run=")]
+    rest = [o for o in overrides or [] if not o.startswith("run=")]
+    names = [n for r in runs for n in r.split(",") if n] or [None]
+    dirs = [_run_dir([*rest, *([f"run={n}"] if n else [])])[0] for n in names]
+    for f in _report(dirs):
         err.print(f"  {f}")
 
 

@@ -1,8 +1,11 @@
-"""The report stage: metrics.csv -> leaderboard (terminal and markdown) and Pareto plots."""
+"""The report stage: metrics.csv of one or more runs -> leaderboards (terminal, markdown, CSV, HTML),
+best sampler per budget, Pareto plots, image grids and one self-contained HTML page."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from rich.console import Console
@@ -10,14 +13,35 @@ from rich.table import Table
 
 from samplebench import store
 from samplebench.errors import UsageError
-from samplebench.report.leaderboard import leaderboard_tables, print_rich, render_markdown
+from samplebench.report.leaderboard import (
+    best_per_budget,
+    best_per_budget_markdown,
+    leaderboard_csv,
+    leaderboard_tables,
+    print_rich,
+    render_html,
+    render_markdown,
+)
 from samplebench.report.pareto import plot_metric
+
+KEY = ["model", "sampler", "nfe", "guidance"]
 
 
 def print_timings(df: pd.DataFrame, console: Console) -> None:
     """Seconds per image (sampling, decoding, total) and counted NFE of every cell."""
     table = Table(title="timings (seconds per image; warm-up excluded)")
-    for col in ("model", "sampler", "NFE", "counted", "guidance", "images", "sampling", "decode", "total"):
+    for col in (
+        "model",
+        "sampler",
+        "NFE",
+        "counted",
+        "guidance",
+        "images",
+        "non-finite",
+        "sampling",
+        "decode",
+        "total",
+    ):
         table.add_column(col, justify="left" if col in ("model", "sampler") else "right")
     for r in df.itertuples():
         table.add_row(
@@ -27,6 +51,7 @@ def print_timings(df: pd.DataFrame, console: Console) -> None:
             str(r.nfe_actual),
             f"{r.guidance:g}",
             str(r.n_images),
+            str(getattr(r, "non_finite", 0)),
             f"{r.sec_per_image_sampling:.4f}",
             f"{r.sec_per_image_decode:.4f}",
             f"{r.sec_per_image_total:.4f}",
@@ -34,27 +59,125 @@ def print_timings(df: pd.DataFrame, console: Console) -> None:
     console.print(table)
 
 
-def build_report(run_dir: Path, console: Console) -> list[Path]:
-    """Print the leaderboards and write leaderboard.md and plots/; returns the files written."""
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        raise UsageError(f"{path} does not exist; run `samplebench metrics run={run_dir.name}` first")
-    df = pd.read_csv(path)
+def _merged_csv(run_dirs: list[Path], name: str, key: list[str]) -> pd.DataFrame | None:
+    """One table from several runs; a later run's row replaces an earlier run's row for the same key."""
+    frames = [pd.read_csv(d / name) for d in run_dirs if (d / name).exists()]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return None
+    return pd.concat(frames).drop_duplicates(subset=key, keep="last").reset_index(drop=True)
+
+
+def _protocol(run_dirs: list[Path]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"runs": {}}
+    for d in run_dirs:
+        entry: dict[str, Any] = {}
+        for name in ("metrics.protocol.json", "provenance.json"):
+            if (d / name).exists():
+                entry[name.split(".")[0]] = json.loads((d / name).read_text())
+        merged["runs"][d.name] = entry
+    return merged
+
+
+def output_dir(run_dirs: list[Path]) -> Path:
+    """A run's own folder, or results/<a+b> for a merged report."""
+    if len(run_dirs) == 1:
+        return run_dirs[0]
+    return run_dirs[0].parent / "+".join(d.name for d in run_dirs)
+
+
+def build_report(run_dirs: Path | list[Path], console: Console) -> list[Path]:
+    """Print the leaderboards; write leaderboard.md/.csv, plots/, and report/index.html."""
+    run_dirs = [run_dirs] if isinstance(run_dirs, Path) else list(run_dirs)
+    for d in run_dirs:
+        if not (d / "metrics.csv").exists():
+            raise UsageError(
+                f"{d / 'metrics.csv'} does not exist; run `samplebench metrics run={d.name}` first"
+            )
+    out = output_dir(run_dirs)
+    out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    timings = run_dir / "timings.csv"
-    if timings.exists():
-        print_timings(pd.read_csv(timings), console)
-        files.append(timings)
-    if df.empty:
+    timings = _merged_csv(run_dirs, "timings.csv", KEY)
+    if timings is not None:
+        print_timings(timings, console)
+        if len(run_dirs) > 1:
+            store.atomic_write_text(out / "timings.csv", timings.to_csv(index=False))
+        files.append(out / "timings.csv")
+    df = _merged_csv(run_dirs, "metrics.csv", [*KEY, "metric"])
+    paired = _merged_csv(
+        run_dirs, "paired.csv", ["model", "nfe", "guidance", "metric", "sampler_a", "sampler_b"]
+    )
+    figures: dict[str, list[Path]] = {}
+    leaderboard_html = "<p>No quality metrics in this run yet; timings only.</p>"
+    if df is None or df.empty:
         console.print("no quality metrics in this run yet; timings only")
-        return files
-    boards = leaderboard_tables(df)
-    print_rich(boards, console)
-    md = run_dir / "leaderboard.md"
-    store.atomic_write_text(md, f"# {run_dir.name}: leaderboard\n\n" + render_markdown(boards))
-    files.append(md)
-    plot_dir = run_dir / "plots"
-    plot_dir.mkdir(exist_ok=True)
-    for metric in sorted(df["metric"].unique()):
-        files += plot_metric(df, metric, plot_dir)
+    else:
+        if len(run_dirs) > 1:
+            store.atomic_write_text(out / "metrics.csv", df.to_csv(index=False))
+        boards = leaderboard_tables(df, paired)
+        print_rich(boards, console)
+        best = best_per_budget(df)
+        md = out / "leaderboard.md"
+        store.atomic_write_text(
+            md,
+            f"# {out.name}: leaderboard\n\n"
+            + render_markdown(boards)
+            + "\n"
+            + best_per_budget_markdown(best),
+        )
+        store.atomic_write_text(out / "leaderboard.csv", leaderboard_csv(boards).to_csv(index=False))
+        store.atomic_write_text(out / "best_per_budget.csv", best.to_csv(index=False))
+        files += [md, out / "leaderboard.csv", out / "best_per_budget.csv"]
+        leaderboard_html = render_html(boards) + _best_html(best)
+        plot_dir = out / "plots"
+        plot_dir.mkdir(exist_ok=True)
+        for metric in sorted(df["metric"].unique()):
+            figures.setdefault("Pareto plots", []).extend(plot_metric(df, metric, plot_dir))
+        files += figures.get("Pareto plots", [])
+    files += _grids_and_page(run_dirs, out, figures, leaderboard_html, timings)
     return files
+
+
+def _best_html(best: pd.DataFrame) -> str:
+    import html
+
+    if best.empty:
+        return ""
+
+    def limit(r: Any) -> str:
+        return f"NFE {r.limit:g}" if r.budget == "nfe" else f"≤ {r.limit:.3g} s"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(str(r.model))}</td><td>{html.escape(str(r.metric))}</td><td>{r.guidance:g}</td>"
+        f"<td>{limit(r)}</td>"
+        f"<td>{html.escape(str(r.sampler))}</td><td>{r.nfe}</td><td>{r.value:.4g}</td></tr>"
+        for r in best.itertuples()
+    )
+    return (
+        '<h3>Best sampler per budget (by NFE and by seconds per image)</h3><table class="leaderboard">'
+        "<thead><tr><th>model</th><th>metric</th><th>guidance</th><th>budget</th><th>sampler</th><th>NFE</th>"
+        f"<th>value</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def _grids_and_page(
+    run_dirs: list[Path],
+    out: Path,
+    figures: dict[str, list[Path]],
+    leaderboard_html: str,
+    timings: pd.DataFrame | None,
+) -> list[Path]:
+    from samplebench.report.grids import gmm_projections, image_grids
+    from samplebench.report.html import write_html
+
+    page_dir = out / "report"
+    page_dir.mkdir(exist_ok=True)
+    grid_dir = page_dir / "grids"
+    grid_dir.mkdir(exist_ok=True)
+    grids: list[Path] = []
+    for d in run_dirs:
+        grids += image_grids(d, grid_dir) + gmm_projections(d, grid_dir)
+    if grids:
+        figures["Sample grids"] = grids
+    page = write_html(run_dirs, page_dir, figures, leaderboard_html, timings, _protocol(run_dirs))
+    return [*grids, page]
