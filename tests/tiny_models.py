@@ -342,3 +342,98 @@ def make_tiny_ddpm(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
     )
     pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
     return _save(pipeline, path)
+
+
+# -- tiny metric networks in their upstream file formats ----------------------------------------------
+def make_tiny_inception(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """A random-weight Inception-v3 in torch-fidelity's weights-file layout."""
+    from samplebench.metrics.inception import save_random_weights
+
+    return save_random_weights(path, seed=seed)
+
+
+TINY_CLIP = "samplebench-tiny-clip"
+
+
+def make_tiny_clip(root: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:
+    """An open_clip model config (JSON, open_clip's format) and a random-weight checkpoint for it."""
+    import json
+
+    import open_clip
+
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / f"{TINY_CLIP}.json"
+    config.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+            }
+        )
+    )
+    if TINY_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_CLIP)
+    checkpoint = root / "tiny_clip.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return config, checkpoint
+
+
+REWARD_VOCAB = [
+    "[PAD]",
+    "[unused0]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    ",",
+    ".",
+    "a",
+    "of",
+    "in",
+    "on",
+    "the",
+    "red",
+    "blue",
+    "cube",
+    "dog",
+    "cat",
+    "photo",
+    "painting",
+]
+REWARD_ARCH = {"image_size": 64, "vit_width": 32, "vit_depth": 2, "vit_heads": 2, "patch_size": 16}
+
+
+def make_tiny_image_reward(root: pathlib.Path, seed: int = 0) -> dict[str, pathlib.Path]:
+    """A random-weight ImageReward checkpoint (ImageReward.pt's state_dict layout), its med_config.json and
+    a vocab.txt: the files a user points metrics.image_reward.* at."""
+    import json
+
+    from samplebench.metrics import image_reward as ir
+
+    root.mkdir(parents=True, exist_ok=True)
+    med = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 40,
+        "pad_token_id": 0,
+        "vocab_size": len(REWARD_VOCAB) + 2,
+        "encoder_width": 32,
+        "add_cross_attention": True,
+    }
+    (root / "med_config.json").write_text(json.dumps(med))
+    (root / "vocab.txt").write_text("\n".join(REWARD_VOCAB) + "\n")
+    torch.manual_seed(seed)
+    model = ir.build_model("base", med_config=med, **REWARD_ARCH)
+    torch.save(model.state_dict(), root / "ImageReward.pt")
+    return {
+        "checkpoint": root / "ImageReward.pt",
+        "med_config": root / "med_config.json",
+        "tokenizer": root / "vocab.txt",
+    }

@@ -110,8 +110,20 @@ class ImageContext:
                     "image_reward needs the official checkpoint: download ImageReward.pt where there "
                     "is network and set metrics.image_reward.checkpoint=<path>"
                 )
-            kwargs = {k: c[k] for k in ("med_config", "tokenizer") if c.get(k)}
-            self._reward = ImageRewardScorer(c["checkpoint"], device=self.device, **kwargs)
+            keys = (
+                "med_config",
+                "tokenizer",
+                "vit",
+                "image_size",
+                "vit_width",
+                "vit_depth",
+                "vit_heads",
+                "patch_size",
+            )
+            kwargs = {k: c[k] for k in keys if c.get(k) is not None}
+            self._reward = ImageRewardScorer(
+                c["checkpoint"], device=self.device, batch_size=int(self.cfg.get("batch_size", 16)), **kwargs
+            )
         return self._reward
 
     # -- cached per-shard quantities ---------------------------------------------------------
@@ -277,7 +289,13 @@ def score_features(
         }
     for name in names:
         if name == "fid":
-            value = inc.fid_from_features(pool, ref.mu, ref.sigma)
+            # torch-fidelity's computation for n >= d; the equal low-rank form below d (much faster there).
+            small = len(pool) < pool.shape[1]
+            value = (
+                stats.fid_low_rank(pool, ref.mu, ref.sigma)
+                if small
+                else inc.fid_from_features(pool, ref.mu, ref.sigma)
+            )
             lo, hi = stats.percentile_interval(stats.fid_bootstrap(pool, ref.mu, ref.sigma, fid_reps))
             out.rows.append(dict(metric="fid", value=value, ci_low=lo, ci_high=hi))
             out.protocols["fid"] = {

@@ -56,8 +56,6 @@ def fid_bootstrap(
     x = np.asarray(gen, dtype=np.float64)
     n, d = x.shape
     rng = np.random.default_rng(seed)
-    w, v = np.linalg.eigh(ref_sigma)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     tr_ref = float(np.trace(ref_sigma))
     out = np.empty(reps)
     if n <= d:
@@ -72,6 +70,8 @@ def fid_bootstrap(
             tr_gen = (sq[idx].sum() - n * (mu**2).sum()) / (n - 1)
             out[r] = ((mu - ref_mu) ** 2).sum() + tr_gen + tr_ref - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
         return out
+    w, v = np.linalg.eigh(ref_sigma)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     for r in range(reps):
         idx = rng.integers(0, n, n)
         mu = x[idx].mean(0)
@@ -81,6 +81,21 @@ def fid_bootstrap(
             ((mu - ref_mu) ** 2).sum() + np.trace(cov) + tr_ref - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
         )
     return out
+
+
+def fid_low_rank(gen: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
+    """FID of n < d generated features in O(n^2 d): the non-zero eigenvalues of S_g^1/2 S_r S_g^1/2 are
+    those of X_c S_r X_c^T / (n - 1) (X_c: centred features). Equal to the d x d computation up to
+    round-off, without its d^3 eigen-decomposition (seconds per cell for d = 2048 on a CPU)."""
+    x = np.asarray(gen, dtype=np.float64)
+    n = len(x)
+    mu = x.mean(0)
+    xc = x - mu
+    inner = np.linalg.eigvalsh(xc @ ref_sigma @ xc.T / (n - 1))
+    tr_gen = float((xc**2).sum() / (n - 1))
+    return float(
+        ((mu - ref_mu) ** 2).sum() + tr_gen + np.trace(ref_sigma) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    )
 
 
 def _poly_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
