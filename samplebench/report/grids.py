@@ -86,20 +86,61 @@ def _metadata(
 # ------------------------------------------------------------------------------------------ images
 
 
+def _read_row(path: Path, member: str, k: int) -> np.ndarray | None:
+    """Row k of one array in an .npz without loading the rest: a shard of 1000 SDXL images is ~3 GB, and
+    a grid needs one image from each of up to 64 shards. None when the member is absent; falls back to a
+    full read for layouts the fast path does not handle (compressed, Fortran order, object dtype)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = f"{member}.npy"
+            if name not in z.namelist():
+                return None
+            info = z.getinfo(name)
+            if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+                with z.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                        version, np.lib.format.read_array_header_2_0
+                    )
+                    shape, fortran, dtype = read_header(f)
+                    npy_header = f.tell()
+                if not fortran and not dtype.hasobject and 0 <= k < shape[0]:
+                    size = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+                    with open(
+                        path, "rb"
+                    ) as raw:  # a stored member is its bytes verbatim: seek straight there
+                        raw.seek(info.header_offset)
+                        local = raw.read(30)
+                        name_len = int.from_bytes(local[26:28], "little")
+                        extra_len = int.from_bytes(local[28:30], "little")
+                        start = info.header_offset + 30 + name_len + extra_len + npy_header
+                        raw.seek(start + k * size)
+                        data = raw.read(size)
+                    if len(data) == size:
+                        return np.frombuffer(data, dtype).reshape(shape[1:]).copy()
+    except (OSError, ValueError, zipfile.BadZipFile):
+        pass
+    shard = read_shard(path, (member,))  # one-line error naming the shard if it is damaged
+    return shard[member][k] if member in shard else None
+
+
 def _cell_image(cell: CellRecord, index: int) -> tuple[np.ndarray, str] | None:
     """Image `index` of a cell and its prompt text; None when the cell has no images or not that one."""
     for first, last, path in cell.shards():
         if not first <= index <= last:
             continue
-        shard = read_shard(path, ("images", "indices", "prompts"))
-        if "images" not in shard:
-            return None
+        shard = read_shard(path, ("indices", "prompts"))  # small arrays; images are read one row only
         hits = np.flatnonzero(shard["indices"] == index) if "indices" in shard else [index - first]
         if len(hits) == 0:
             return None
         k = int(hits[0])
+        image = _read_row(path, "images", k)
+        if image is None:
+            return None
         prompt = str(shard["prompts"][k]) if "prompts" in shard else ""
-        return np.asarray(shard["images"][k]), prompt
+        return np.asarray(image), prompt
     return None
 
 
