@@ -153,7 +153,7 @@ def test_image_grid_one_tile_per_sampler_and_nfe(image_run: Path, tmp_path: Path
 
 
 def test_image_grid_pages_and_index(image_run: Path, tmp_path: Path) -> None:
-    paths = image_grids(image_run, tmp_path, index=1, max_rows=2, max_cols=2, tile_px=256)
+    paths = image_grids(image_run, tmp_path, index=1, max_rows=2, max_cols=2, tile_px=320)
     names = [p.name for p in paths]
     assert names == [f"grid_fakesd_cfg{g:g}_p{k}.png" for g in FAKE_GUIDANCES for k in (1, 2, 3, 4)]
     first = paths[:4]
@@ -164,7 +164,7 @@ def test_image_grid_pages_and_index(image_run: Path, tmp_path: Path) -> None:
         for s in rows:
             for n in cols:
                 # index=1: the second image of every cell, never the first.
-                assert _solid_pixels(path, _colour(s, n, 1.0, 1)) == 256 * 256
+                assert _solid_pixels(path, _colour(s, n, 1.0, 1)) == 320 * 320
                 assert _solid_pixels(path, _colour(s, n, 1.0, 0)) == 0
     assert sorted(panels) == sorted((s, n) for s in FAKE_SAMPLERS for n in FAKE_NFES)  # each exactly once
     sizes = [Image.open(p).size for p in first]

@@ -176,7 +176,9 @@ def _grids_and_page(
     grid_dir.mkdir(exist_ok=True)
     grids: list[Path] = []
     for d in run_dirs:
-        grids += image_grids(d, grid_dir) + gmm_projections(d, grid_dir)
+        target = grid_dir / d.name if len(run_dirs) > 1 else grid_dir  # same names from different runs
+        target.mkdir(exist_ok=True)
+        grids += image_grids(d, target) + gmm_projections(d, target)
     if grids:
         figures["Sample grids"] = grids
     page = write_html(run_dirs, page_dir, figures, leaderboard_html, timings, _protocol(run_dirs))

@@ -186,7 +186,7 @@ def _render_grid(
     pad = max(10, tile // 16)
     label_w = max(_text_size(probe, s, label_font)[0] for s in rows) + 2 * pad
     grid_w = len(cols) * tile + (len(cols) - 1) * GAP
-    width = max(label_w + grid_w + pad, 520)
+    width = max(label_w + grid_w + pad, 640)  # room for a prompt line on narrow pages
     title_lines = [title]
     prompt_lines = _wrap(probe, f"prompt: “{prompt}”", label_font, width - 2 * pad) if prompt else []
     line_h = _text_size(probe, "Hg", title_font)[1] + pad // 2
@@ -448,12 +448,14 @@ def gmm_projections(
                         ax.set_ylabel(f"{sampler}\nPC 2", fontsize=8.5)
                     if r == len(page_rows) - 1:
                         ax.set_xlabel("PC 1", fontsize=7.5)
-            title = (
-                f"{model_label} · guidance {guidance:g} · first {max_points} samples on the true PC 1-2 plane"
-            )
+            shown = max(len(p) for p, _ in proj.values())
+            title = f"{model_label} · guidance {guidance:g} · first {shown} samples on the true PC 1-2 plane"
             if len(pages) > 1:
                 title += f" · page {k}/{len(pages)}"
-            fig.suptitle(title + "\ncontours: true density, 50/80/95/99% of its mass", fontsize=9)
+            fig.suptitle(
+                title + "\ncontours: true density, 50/80/95/99% of its mass · colour: conditioning component",
+                fontsize=9,
+            )
             fig.tight_layout()
             missing = [(s, n) for s in page_rows for n in page_cols if (s, n) not in proj]
             path = out_dir / _page_name("proj", model_label, guidance, k)
