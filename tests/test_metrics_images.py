@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(ref / f"{i:03d}.png")
     metrics = [
-        "metrics.names=[fid,kid,is,clip_score,clip_score_paper,image_reward,traj_mse]",
+        "metrics.names=[fid,kid,precision,recall,is,clip_score,clip_score_paper,image_reward,traj_mse]",
         f"metrics.ref={ref}",
         f"metrics.inception_weights={inception}",
         "metrics.kid.subset_size=6",
@@ -69,7 +69,17 @@ def setup(tmp_path_factory):
 def test_every_metric_has_a_row_with_an_interval_and_a_protocol(setup):
     run = setup["root"] / "results" / "r"
     df = pd.read_csv(run / "metrics.csv")
-    names = {"fid", "kid", "is", "clip_score", "clip_score_paper", "image_reward", "traj_mse"}
+    names = {
+        "fid",
+        "kid",
+        "precision",
+        "recall",
+        "is",
+        "clip_score",
+        "clip_score_paper",
+        "image_reward",
+        "traj_mse",
+    }
     assert set(df.metric) == names
     assert len(df) == 4 * len(names) and (df.n_images == 8).all()
     assert (df.ci_low <= df.ci_high).all() and df[["value", "ci_low", "ci_high"]].notna().all().all()

@@ -68,3 +68,18 @@ def test_low_rank_fid_equals_the_full_computation():
     # The d x d form takes square roots of d - n round-off eigenvalues near zero (about 1e-8 each), so
     # the two agree to about 1e-6 relative; the low-rank form never sees those.
     assert stats.fid_low_rank(x, ref_mu, ref_sigma) == pytest.approx(direct, rel=1e-5)
+
+
+def test_prc_indicators_average_to_torch_fidelity():
+    # Reference: torch-fidelity's own precision/recall on the same features.
+    import torch
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    rng = np.random.default_rng(6)
+    gen, ref = rng.normal(size=(80, 16)), rng.normal(0.3, 1.2, size=(90, 16))
+    inside_ref, inside_gen = stats.prc_indicators(gen, ref, 3)
+    p, r = calculate_precision_recall_full(
+        torch.from_numpy(gen.astype(np.float32)), torch.from_numpy(ref.astype(np.float32)), 3
+    )
+    assert inside_ref.mean() == pytest.approx(p) and inside_gen.mean() == pytest.approx(r)
+    assert 0 < p < 1 and 0 < r < 1

@@ -327,9 +327,16 @@ def score_features(
             else:
                 nb = int(ctx.sub("prc").get("neighborhood", 3))
                 precision, recall = inc.prc_from_features(pool, ref.pool, neighborhood=nb)
+                inside_ref, inside_gen = stats.prc_indicators(pool, ref.pool, nb)
                 value = precision if name == "precision" else recall
-                out.rows.append(dict(metric=name, value=value, ci_low=float("nan"), ci_high=float("nan")))
-                out.protocols[name] = {**proto_ref, "neighborhood": str(nb), "interval": "none"}
+                _, lo, hi = stats.mean_ci(inside_ref if name == "precision" else inside_gen, reps)
+                out.rows.append(dict(metric=name, value=value, ci_low=lo, ci_high=hi))
+                out.protocols[name] = {
+                    **proto_ref,
+                    "neighborhood": str(nb),
+                    "interval": "percentile bootstrap "
+                    "of per-sample manifold membership, manifolds held fixed",
+                }
         elif name == "is":
             splits = int(ctx.sub("is").get("splits", 10))
             value, _ = inc.isc_from_logits(logits, splits=splits)

@@ -331,7 +331,7 @@ def save_random_weights(path: str | Path, seed: int = 0) -> Path:
 
     For tests and benchmarks without network: a plain dict with the keys of torch-fidelity's converter
     (conv weight; bn weight, bias, running_mean, running_var; fc weight, bias; no num_batches_tracked).
-    BatchNorm running statistics are calibrated on smooth random images so that activations neither
+    BatchNorm running statistics are calibrated on random gradients, blobs and stripes so activations neither
     vanish nor explode through the 94 layers; the numbers such a network gives are not FID.
     """
     buf = io.BytesIO()
@@ -353,7 +353,7 @@ def save_random_weights(path: str | Path, seed: int = 0) -> Path:
             net.fc.weight.normal_(0.0, 4.0 / math.sqrt(2048))
             net.fc.bias.normal_(0.0, 0.1)
             net.train()
-            net(_calibration_images(8))
+            net(_calibration_images(12))
             net.eval()
     state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
@@ -364,14 +364,18 @@ def save_random_weights(path: str | Path, seed: int = 0) -> Path:
 
 
 def _calibration_images(n: int) -> torch.Tensor:
-    """Smooth colour gradients with blobs and noise, uint8 (n, 3, 64, 64), from the current torch RNG."""
+    """Gradients with a blob, or stripes, plus noise: uint8 (n, 3, 64, 64) from the current torch RNG."""
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
     imgs = []
-    for _ in range(n):
-        a, b, c = torch.rand(3, 3, 1, 1) * 255
-        img = a * xx + b * yy + c * (1 - xx) * (1 - yy)
-        cy, cx, r = torch.rand(3)
-        blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < (0.1 + 0.3 * r) ** 2).float()
-        img = img / 2 + blob * torch.rand(3, 1, 1) * 128 + torch.randn(3, 64, 64) * 10
-        imgs.append(img.clamp(0, 255).to(torch.uint8))
+    for i in range(n):
+        a, b = torch.rand(2, 3, 1, 1) * 255
+        if i % 2 == 0:
+            cy, cx, r = torch.rand(3)
+            blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < (0.1 + 0.3 * r) ** 2).float()
+            img = (a * xx + b * yy) / 2 + blob * torch.rand(3, 1, 1) * 128
+        else:
+            freq, phase, tilt = torch.rand(3)
+            s = 0.5 + 0.5 * torch.sin(2 * torch.pi * (2 + 6 * freq) * (xx + (2 * tilt - 1) * yy) + 6 * phase)
+            img = s * a + (1 - s) * b
+        imgs.append((img + torch.randn(3, 64, 64) * 8).clamp(0, 255).to(torch.uint8))
     return torch.stack(imgs)
