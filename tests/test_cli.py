@@ -99,3 +99,18 @@ def test_sweep_end_to_end(tmp_path):
     r2 = cli("metrics", "run=e2e", f"results_dir={tmp_path}", "metrics.bootstrap=100")
     assert r2.returncode == 0, r2.stderr
     assert (run / "metrics.csv").read_text() == before
+
+
+def test_report_merges_runs(tmp_path):
+    common = ["nfe=5,10", "num_images=100", f"results_dir={tmp_path}", "metrics.bootstrap=50"]
+    assert cli("sweep", "sampler=ddim", "run=old", *common).returncode == 0
+    assert cli("sweep", "sampler=unipc", "run=new", *common).returncode == 0
+    r = cli("report", "run=old,new", f"results_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    merged = tmp_path / "old+new"
+    df = pd.read_csv(merged / "metrics.csv")
+    assert set(df.sampler) == {"ddim", "unipc"} and len(df) == 2 * 2 * 2
+    board = (merged / "leaderboard.md").read_text()
+    assert "| ddim |" in board and "| unipc |" in board
+    page = (merged / "report" / "index.html").read_text()
+    assert "old" in page and "new" in page
