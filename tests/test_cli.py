@@ -90,7 +90,8 @@ def test_sweep_end_to_end(tmp_path):
     assert (df["ci_low"] <= df["value"]).all() and (df["value"] <= df["ci_high"]).all()
     te = df[df.metric == "traj_err"].set_index(["sampler", "nfe", "guidance"])["value"]
     assert te["dpmpp", 10, 1.0] < te["ddim", 10, 1.0]
-    assert (run / "leaderboard.md").read_text().count("###") == 4
+    board = (run / "leaderboard.md").read_text()
+    assert board.count("### gmm · ") == 4 and board.count("### best sampler per budget") == 4
     for png in ["traj_err_vs_nfe.png", "traj_err_vs_time.png", "fd_exact_vs_nfe.png"]:
         assert (run / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     assert "metrics.csv" in r.stderr and "leaderboard.md" in r.stderr
