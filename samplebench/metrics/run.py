@@ -17,21 +17,10 @@ from samplebench.metrics import analytic
 from samplebench.metrics.names import ALL, ANALYTIC
 from samplebench.models import load_model
 from samplebench.provenance import git_commit, versions
+from samplebench.report import KEY_COLUMNS, METRICS_COLUMNS
 
-COLUMNS = [
-    "model",
-    "sampler",
-    "nfe",
-    "guidance",
-    "metric",
-    "value",
-    "ci_low",
-    "ci_high",
-    "n_images",
-    "sec_per_image",
-    "nfe_actual",
-]
-KEY = ["model", "sampler", "nfe", "guidance", "metric"]
+COLUMNS = list(METRICS_COLUMNS)  # one definition of metrics.csv, shared with the report
+KEY = list(KEY_COLUMNS)
 
 
 def _cell_samples(cell: store.CellRecord) -> dict[str, np.ndarray]:
