@@ -48,7 +48,7 @@ check: install ## the CI regression check: a small analytic sweep against result
 bench: install ## benchmarks (not tests); figures go to BENCHMARKS.md
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_vs_diffusers.py
-	$(BIN)/python bench/bench_features.py
+	$(BIN)/python bench/bench_features.py --n 1000 10000  # about an hour on 2 CPU cores
 
 clean:
 	find results -mindepth 1 -maxdepth 1 ! -name baselines ! -name README.md -exec rm -rf {} +

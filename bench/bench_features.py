@@ -181,7 +181,9 @@ def main() -> None:
         f"{args.repeats} run(s) each in rotating order, the fastest shown. Random weights in "
         "torch-fidelity's upstream file format: throughput and memory do not depend on the weight values. "
         "torch-fidelity's default uses 4 DataLoader worker processes (none with --save-cpu-ram); peak RSS "
-        "is ru_maxrss of the child, which counts its reaped workers as a maximum, not a sum.\n"
+        "is ru_maxrss of the child, which counts its reaped workers as a maximum, not a sum. samplebench "
+        "holds the same network in channels-last memory layout (oneDNN's fast path; features agree with "
+        "torch-fidelity's to float32 rounding, hence the IS column).\n"
     )
     print(
         "| pipeline | images | wall s | images/s (wall) | extraction-only s | images/s (extraction) "

@@ -158,7 +158,10 @@ class InceptionFeatures:
         if mode == "clean":
             self._resize = _clean_resizer()
         self.net, weights_sha = load_network(weights_path)
-        self.net.to(self.device)
+        # Same network and weights in the channels-last layout: about 1.6x faster on CPU (oneDNN convs),
+        # and the usual fast layout for cuDNN; only float32 rounding changes (features agree with
+        # torch-fidelity's NCHW run to ~3e-6 relative, FID/KID/IS to < 1e-4: tests/test_inception.py).
+        self.net.to(self.device, memory_format=torch.channels_last)
         self.protocol: dict[str, str] = {
             "extractor": f"torch-fidelity {EXTRACTOR_NAME}",
             "weights_sha256": weights_sha,
@@ -177,7 +180,7 @@ class InceptionFeatures:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must have shape (N, H, W, 3), got {images.shape}")
         pools, logits = [], []
-        with torch.no_grad():
+        with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 p, lg = self._batch(images[start : start + self.batch_size])
                 pools.append(p.cpu().numpy())
