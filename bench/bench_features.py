@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import machine  # noqa: E402
 
 FIDELITY = Path(sys.executable).with_name("fidelity")
 
@@ -39,24 +41,6 @@ class Run:
     isc: float
     extract_s: float | None
     load: float  # 1-minute load average when the child ended (others' jobs on a shared machine show here)
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), {gpu}, "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-    )
 
 
 def write_images(folder: Path, n: int, size: int, seed: int = 0) -> None:

@@ -22,6 +22,7 @@ from samplebench import store
 
 
 def machine() -> str:
+    """The line BENCHMARKS.md records with each figure: CPU, cores, torch threads, GPU, versions."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -32,7 +33,8 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
-        f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), {gpu}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
     )
 
 

@@ -112,7 +112,7 @@ def main() -> None:
             bare.append(time.perf_counter() - start)
     o, b = statistics.median(ours), statistics.median(bare)
     o_min, b_min = min(ours), min(bare)
-    print(f"Machine: {machine()}, torch threads {torch.get_num_threads()}\n")
+    print(f"Machine: {machine()}\n")
     print(
         f"Tiny Stable-Diffusion-shaped pipeline (64 px), DPM-Solver++(2M) Karras, NFE {args.nfe}, "
         f"guidance {args.guidance}, {args.images} images in batches of {args.batch}, "
