@@ -16,18 +16,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from samplebench.report import lower_is_better, require_columns, require_unique_keys
+from samplebench.report import KEY_COLUMNS, lower_is_better, require_columns, require_unique_keys
 
-LEADERBOARD_COLUMNS: tuple[str, ...] = (
-    "model",
-    "sampler",
-    "nfe",
-    "guidance",
-    "metric",
-    "value",
-    "ci_low",
-    "ci_high",
-)
+LEADERBOARD_COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "value", "ci_low", "ci_high")
 TIE_MARK = "≈"
 MISSING = "—"
 LEGEND = (
