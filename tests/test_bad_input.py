@@ -6,14 +6,9 @@ import sys
 
 import numpy as np
 import pytest
+from cli_run import cli  # tests/cli_run.py
 
 BASE = ["sampler=ddim", "nfe=5", "num_images=64", "shard_size=32", "run=r"]
-
-
-def cli(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "samplebench.cli", *args], capture_output=True, text=True, timeout=600, env=env
-    )
 
 
 @pytest.fixture(scope="module")

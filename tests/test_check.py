@@ -1,20 +1,13 @@
 """`samplebench check`: the project's own regression check against the committed baseline."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_run import cli  # tests/cli_run.py
 
 BASELINE = Path(__file__).resolve().parents[1] / "results" / "baselines" / "gmm-small.csv"
 SWEEP = ["sampler=ddim,dpmpp,unipc", "nfe=5,10", "guidance=1,2", "num_images=500", "metrics.bootstrap=200"]
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "samplebench.cli", *args], capture_output=True, text=True, timeout=900
-    )
 
 
 @pytest.fixture(scope="module")

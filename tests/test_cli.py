@@ -1,17 +1,8 @@
 """The command line as a user meets it: one-line errors with exit code 2, and a full sweep."""
 
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
-
-
-def cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "samplebench.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
-
+from cli_run import cli  # tests/cli_run.py
 
 BAD = [
     (["sweep", "sampler=foo"], "sampler=foo is unknown"),

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import tiny_med_config  # tests/tiny_models.py
 
 from samplebench.errors import UsageError
 from samplebench.metrics import image_reward as ir
@@ -35,19 +36,7 @@ VOCAB = [
 ]  # fmt: skip
 IMAGE_SIZE = 64
 VIT_SIZES = {"vit_width": 32, "vit_depth": 2, "vit_heads": 2, "patch_size": 16}
-MED_CONFIG = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-12,
-    "max_position_embeddings": 40,
-    "pad_token_id": 0,
-    "vocab_size": len(VOCAB) + 2,  # + [DEC], [ENC]
-    "encoder_width": 32,
-    "add_cross_attention": True,
-}
+MED_CONFIG = tiny_med_config(len(VOCAB))
 PROMPTS = [
     "a photo of a red cat",
     "An oil painting of a big house at night, with the sunset!",

@@ -144,7 +144,13 @@ def test_kid_subset_size_is_capped_like_a_smaller_torch_fidelity_subset(ours) ->
     assert inc.kid_from_features(gen, ref, subsets=20, subset_size=1000, seed=1) != capped
 
 
-def test_clean_mode_matches_clean_fid(data, legacy) -> None:
+def clean_fid_reference(data) -> tuple[float | None, np.ndarray, np.ndarray]:
+    """clean-fid's compute_fid on c1 vs c2 with our network as its custom extractor (the reference).
+
+    Returns its FID and the pooled features it extracted for c1 and c2. clean-fid's scipy sqrtm can
+    leave an imaginary part on singular covariances (n << 2048) and raise: then the FID is None and
+    callers use torch-fidelity's formula on clean-fid's own features.
+    """
     from cleanfid import fid as cleanfid
 
     ext = inc.InceptionFeatures("clean", weights_path=data["weights"], batch_size=64)
@@ -158,7 +164,7 @@ def test_clean_mode_matches_clean_fid(data, legacy) -> None:
         return pool
 
     try:
-        expected = float(
+        expected: float | None = float(
             cleanfid.compute_fid(
                 str(data["c1"]),
                 str(data["c2"]),
@@ -171,11 +177,15 @@ def test_clean_mode_matches_clean_fid(data, legacy) -> None:
             )
         )
     except ValueError as e:
-        # clean-fid's scipy sqrtm can leave an imaginary part on singular covariances (n << 2048); the
-        # features it extracted are still its own, so fall back to torch-fidelity's formula on them.
         assert "Imaginary component" in str(e)
         expected = None
-    clean_gen, clean_ref = np.concatenate(seen)[:N_CLEAN], np.concatenate(seen)[N_CLEAN:]
+    feats = np.concatenate(seen)
+    return expected, feats[:N_CLEAN], feats[N_CLEAN:]
+
+
+def test_clean_mode_matches_clean_fid(data, legacy) -> None:
+    ext = inc.InceptionFeatures("clean", weights_path=data["weights"], batch_size=64)
+    expected, clean_gen, clean_ref = clean_fid_reference(data)
     gen, ref = folder_features(ext, data["c1"]), folder_features(ext, data["c2"])
     np.testing.assert_allclose(gen["pool"], clean_gen, rtol=1e-5, atol=1e-5 * np.abs(clean_gen).max())
     np.testing.assert_allclose(ref["pool"], clean_ref, rtol=1e-5, atol=1e-5 * np.abs(clean_ref).max())
@@ -313,33 +323,9 @@ def test_score_equals_torch_fidelity(data, fidelity, tmp_path):
 
 
 def test_score_clean_mode_equals_clean_fid(data, tmp_path):
-    from cleanfid import fid as cleanfid
-
-    ext = inc.InceptionFeatures("clean", weights_path=data["weights"], batch_size=64)
-    seen = []
-
-    def extractor(x):
-        pool = inc.forward_resized(ext.net, x)[0]
-        seen.append(pool.numpy().astype(np.float64))
-        return pool
-
-    try:
-        expected = float(
-            cleanfid.compute_fid(
-                str(data["c1"]),
-                str(data["c2"]),
-                mode="clean",
-                custom_feat_extractor=extractor,
-                num_workers=0,
-                device=torch.device("cpu"),
-                batch_size=64,
-                verbose=False,
-            )
-        )
-    except ValueError as e:  # clean-fid's sqrtm on a singular covariance (n << 2048): same features, torch-
-        assert "Imaginary component" in str(e)  # fidelity's formula
-        feats = np.concatenate(seen)
-        expected = inc.fid_from_features(feats[:N_CLEAN], *inc.statistics(feats[N_CLEAN:]))
+    expected, clean_gen, clean_ref = clean_fid_reference(data)
+    if expected is None:
+        expected = inc.fid_from_features(clean_gen, *inc.statistics(clean_ref))
     got = score(
         data["c1"],
         data["c2"],

@@ -3,20 +3,13 @@ file format and random weights, through the options users set."""
 
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import tiny_models  # tests/tiny_models.py
+from cli_run import cli  # tests/cli_run.py
 from PIL import Image
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "samplebench.cli", *args], capture_output=True, text=True, timeout=900
-    )
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from cli_run import cli  # tests/cli_run.py
 
 from samplebench import store
 
 SWEEP = ["sampler=ddim,dpmpp", "nfe=5,10", "num_images=400", "shard_size=50", "metrics.bootstrap=50"]
-
-
-def cli(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "samplebench.cli", *args], capture_output=True, text=True, timeout=900, **kw
-    )
 
 
 def samples(run_dir):

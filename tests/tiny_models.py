@@ -406,15 +406,9 @@ REWARD_VOCAB = [
 REWARD_ARCH = {"image_size": 64, "vit_width": 32, "vit_depth": 2, "vit_heads": 2, "patch_size": 16}
 
 
-def make_tiny_image_reward(root: pathlib.Path, seed: int = 0) -> dict[str, pathlib.Path]:
-    """A random-weight ImageReward checkpoint (ImageReward.pt's state_dict layout), its med_config.json and
-    a vocab.txt: the files a user points metrics.image_reward.* at."""
-    import json
-
-    from samplebench.metrics import image_reward as ir
-
-    root.mkdir(parents=True, exist_ok=True)
-    med = {
+def tiny_med_config(vocab_words: int) -> dict:
+    """A tiny BLIP text-encoder config (med_config.json's keys) for a vocab.txt of `vocab_words` lines."""
+    return {
         "hidden_size": 32,
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
@@ -423,10 +417,21 @@ def make_tiny_image_reward(root: pathlib.Path, seed: int = 0) -> dict[str, pathl
         "layer_norm_eps": 1e-12,
         "max_position_embeddings": 40,
         "pad_token_id": 0,
-        "vocab_size": len(REWARD_VOCAB) + 2,
+        "vocab_size": vocab_words + 2,  # + the [DEC] and [ENC] tokens ImageReward adds
         "encoder_width": 32,
         "add_cross_attention": True,
     }
+
+
+def make_tiny_image_reward(root: pathlib.Path, seed: int = 0) -> dict[str, pathlib.Path]:
+    """A random-weight ImageReward checkpoint (ImageReward.pt's state_dict layout), its med_config.json and
+    a vocab.txt: the files a user points metrics.image_reward.* at."""
+    import json
+
+    from samplebench.metrics import image_reward as ir
+
+    root.mkdir(parents=True, exist_ok=True)
+    med = tiny_med_config(len(REWARD_VOCAB))
     (root / "med_config.json").write_text(json.dumps(med))
     (root / "vocab.txt").write_text("\n".join(REWARD_VOCAB) + "\n")
     torch.manual_seed(seed)
