@@ -60,10 +60,21 @@ def test_two_workers_split_the_work_without_duplicates(tmp_path, single, how):
 
 
 def test_sigkill_at_random_moments_then_resume(tmp_path, single):
+    """Kill the generator three times at random points of its execution, then resume.
+
+    The child runs in short random slices (SIGCONT, a few ms, SIGSTOP) and is counted while stopped, so
+    it can never finish the sweep between two looks however fast the machine is; once it has written a
+    random number of further shards it is killed where the last slice stopped it (possibly mid-write).
+    """
     rng = random.Random(7)
     run = tmp_path / "killed"
     heavy = [*SWEEP[:-1]]  # the same sweep, killed three times before it finishes
+
+    def shards() -> int:
+        return len(list(run.rglob("shard-*.npz"))) if run.exists() else 0
+
     for _ in range(3):
+        target = shards() + rng.randint(1, 3)
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -77,14 +88,15 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, single):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        before = len(list(run.rglob("shard-*.npz"))) if run.exists() else 0
-        target = before + rng.randint(1, 4)
-        while proc.poll() is None and len(list(run.rglob("shard-*.npz"))) < target:
-            time.sleep(0.01)
-        time.sleep(rng.random() * 0.2)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        try:
+            os.kill(proc.pid, signal.SIGSTOP)
+            while proc.poll() is None and shards() < target:
+                os.kill(proc.pid, signal.SIGCONT)
+                time.sleep(rng.uniform(0.0005, 0.003))
+                os.kill(proc.pid, signal.SIGSTOP)
+        finally:
+            proc.kill()  # SIGKILL, stopped or not; a no-op if it has exited
+            proc.wait()
     done_before = len(list(run.rglob("shard-*.npz")))
     assert 0 < done_before < 32, "the kills should land mid-sweep"
     r = cli("generate", *heavy, "run=killed", f"results_dir={tmp_path}")
