@@ -88,7 +88,15 @@ def test_same_seed_same_images_and_batch_size_does_not_matter(tmp_path, pipeline
     one, four = cells_on_disk(tmp_path, "one"), cells_on_disk(tmp_path, "four")
     for k in a:
         np.testing.assert_array_equal(a[k]["images"], b[k]["images"])  # same seed: identical
-        np.testing.assert_allclose(one[k]["samples"], four[k]["samples"], rtol=1e-4, atol=1e-5)
+        # Batch size changes only the reduction order of float32 batched kernels (GEMMs, convolutions,
+        # attention): about sqrt(K) * 6e-8 relative per layer, grown by a few dozen layers, 4 solver
+        # steps and guidance w=2 (which triples a difference of the two passes) to ~1e-5 of the
+        # sample's norm. One element near zero can be off by far more *relative to itself* (2e-3 was
+        # seen), so the bound is on the whole sample and on elements relative to the sample's scale.
+        s1, s4 = one[k]["samples"].astype(np.float64), four[k]["samples"].astype(np.float64)
+        for i in range(len(s4)):
+            assert np.linalg.norm(s1[i] - s4[i]) <= 1e-4 * np.linalg.norm(s4[i]), (k, i)
+            assert np.abs(s1[i] - s4[i]).max() <= 1e-3 * np.abs(s4[i]).max(), (k, i)
         assert np.abs(one[k]["images"].astype(int) - four[k]["images"]).max() <= 1  # round-off only
 
 
