@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# k-diffusion is a test-only reference for the samplers; its extras (wandb, clip, ...) are not needed
+	$(BIN)/python -m pip install -q --no-deps k-diffusion==0.1.1.post1
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -48,6 +50,7 @@ check: install ## the CI regression check: a small analytic sweep against result
 bench: install ## benchmarks (not tests); figures go to BENCHMARKS.md
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_vs_diffusers.py
+	$(BIN)/python bench/bench_schedules.py
 	$(BIN)/python bench/bench_features.py --n 1000 10000  # about an hour on 2 CPU cores
 
 clean:

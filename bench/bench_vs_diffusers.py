@@ -85,7 +85,8 @@ def main() -> None:
             overrides = [
                 "model=sd15",
                 f"model.path={path}",
-                "sampler=dpmpp",
+                "sampler=diffusers:dpmpp",
+                "schedule=karras",
                 f"nfe={args.nfe}",
                 f"guidance={args.guidance}",
                 f"num_images={args.images}",

@@ -66,11 +66,12 @@ def _generate(overrides: list[str]):
 
     run_dir = Path(cells[0].config["results_dir"]) / cells[0].config["run"]
     found = {c.key: c for c in store.find_cells(run_dir)}
-    unfinished = [
-        c.rel_dir
+    keys = {
+        c.rel_dir: (c.model_label, store.solver_label(c.sampler_label, c.schedule_label), c.nfe, c.guidance)
         for c in cells
-        if not found.get((c.model_label, c.sampler_label, c.nfe, c.guidance), None)
-        or not found[(c.model_label, c.sampler_label, c.nfe, c.guidance)].complete()
+    }
+    unfinished = [
+        c.rel_dir for c in cells if keys[c.rel_dir] not in found or not found[keys[c.rel_dir]].complete()
     ]
     if unfinished:
         raise UsageError(
@@ -104,7 +105,7 @@ def sweep(overrides: list[str] = OVERRIDES) -> None:
     times["plan+generate"] = time.perf_counter() - start
     files = [summary.run_dir / "metrics.csv"]
     t = time.perf_counter()
-    _metrics(summary.run_dir, cells[0].config["metrics"])
+    scored = _metrics(summary.run_dir, cells[0].config["metrics"])
     times["metrics"] = time.perf_counter() - t
     t = time.perf_counter()
     files += _report(summary.run_dir)
@@ -113,6 +114,26 @@ def sweep(overrides: list[str] = OVERRIDES) -> None:
     err.print(f"done in {time.perf_counter() - start:.1f} s ({stages}). Files:")
     for f in files:
         err.print(f"  {f}")
+    _warn_nonfinite(scored)
+
+
+def _warn_nonfinite(df) -> None:
+    """Repeat the metrics stage's warning after the report, where it is not scrolled away."""
+    from samplebench.report import nonfinite_cells
+
+    cells = nonfinite_cells(df)
+    if not cells.empty:
+        names = "; ".join(
+            f"{r.model} · {r.sampler} · NFE {r.nfe} · guidance {r.guidance:g}" for r in cells.itertuples()
+        )
+        err.print(
+            f"warning: {len(cells)} {'cell' if len(cells) == 1 else 'cells'} had non-finite samples, "
+            "excluded from their metrics and rankings "
+            f"(see leaderboard.md): {names}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -180,18 +201,21 @@ def check(
     tolerance: str = typer.Option("rel=0.05", "--tolerance", help="rel=0.05, abs=0.01, or ci"),
 ) -> None:
     """Exit 1 when a run regressed against a baseline: samplebench check run=NAME --baseline FILE."""
-    from samplebench.report.check import Tolerance, compare, load_metrics
+    from samplebench.report.check import Tolerance, compare, load_metrics, nonfinite_messages
 
     tol = Tolerance.parse(tolerance)
     run_dir, _ = _run_dir(overrides or [])
-    result = compare(
-        load_metrics(run_dir / "metrics.csv", "run metrics"), load_metrics(baseline, "baseline"), tol
-    )
+    run_df, base_df = load_metrics(run_dir / "metrics.csv", "run metrics"), load_metrics(baseline, "baseline")
+    result = compare(run_df, base_df, tol)
     bad = result[result.status != "ok"]
     if bad.empty:
         out.print(f"check passed: {len(result)} rows of {baseline} within tolerance {tolerance}")
         return
-    table = Table(title=f"{len(bad)} of {len(result)} rows regressed beyond {tolerance} (or are missing)")
+    for line in nonfinite_messages(run_df, base_df):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    table = Table(
+        title=f"{len(bad)} of {len(result)} rows regressed beyond {tolerance} (or are missing or non-finite)"
+    )
     for col in ("model", "sampler", "nfe", "guidance", "metric", "baseline", "run", "worse by", "status"):
         table.add_column(col)
     for r in bad.itertuples():
@@ -211,24 +235,42 @@ def check(
 
 
 @app.command("list")
-def list_(what: str = typer.Argument("samplers", help="samplers, models or metrics")) -> None:
-    """List registered samplers (with their NFE rule), models or metrics."""
+def list_(what: str = typer.Argument("samplers", help="samplers, schedules, models or metrics")) -> None:
+    """List registered samplers (NFE rule, schedules they take), schedules, models or metrics."""
     from samplebench.config import group_choices
 
     if what == "samplers":
         from samplebench.samplers import SAMPLERS
 
-        table = Table(title="samplers (NFE for N solver steps)")
-        for col in ("name", "algorithm", "type", "NFE", "source"):
+        table = Table(title="samplers (NFE for N solver steps, on the default schedule)")
+        for col in ("name", "algorithm", "type", "NFE", "schedules", "source"):
             table.add_column(col)
         for s in SAMPLERS.values():
-            table.add_row(s.name, s.title, s.kind, str(s.nfe_rule), s.source)
+            try:
+                rule = str(s.rule({}, {"name": "karras"}))
+            except UsageError:
+                rule = str(s.rule({}, {"name": "linspace"}))
+            table.add_row(s.name, s.title, s.kind, rule, s.grids, s.source)
+        out.print(table)
+    elif what == "schedules":
+        from samplebench.models.base import NoiseSchedule
+        from samplebench.samplers.diffusers_loop import _probe_sigmas
+        from samplebench.schedules import SCHEDULES, make_grid
+
+        noise = NoiseSchedule("vp_discrete", _probe_sigmas())  # Stable Diffusion's training levels
+        table = Table(title="schedules (N levels, then 0; ends shown at N=10 on SD's training levels)")
+        for col in ("name", "grid", "ends", "source"):
+            table.add_column(col)
+        for s in SCHEDULES.values():
+            opts = {"name": s.name, "sigmas": [14.6, 7, 3, 1.5, 0.8, 0.4, 0.2, 0.1, 0.05, 0.03]}
+            ends = make_grid(opts if s.name == "custom" else {"name": s.name}, noise, 10).ends
+            table.add_row(s.name, s.title, "as given, then 0" if s.name == "custom" else ends, s.source)
         out.print(table)
     elif what in ("models", "metrics"):
         for name in group_choices(what.rstrip("s") if what == "models" else "metrics"):
             out.print(name)
     else:
-        raise UsageError(f"cannot list '{what}'; choose samplers, models or metrics")
+        raise UsageError(f"cannot list '{what}'; choose samplers, schedules, models or metrics")
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from samplebench.errors import UsageError
 
-GROUPS = ("model", "sampler", "metrics", "prompts", "launcher")
+GROUPS = ("model", "sampler", "schedule", "metrics", "prompts", "launcher")
 
 
 def conf_dir() -> Path:
@@ -40,7 +40,7 @@ def group_choices(group: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Cell:
-    """One sweep point: a model, a sampler with its options, an NFE budget and a guidance scale."""
+    """One sweep point: model, sampler with its options, schedule, NFE budget and guidance scale."""
 
     model_label: str
     sampler_label: str
@@ -49,15 +49,26 @@ class Cell:
     model: dict[str, Any] = field(hash=False, compare=False)
     sampler: dict[str, Any] = field(hash=False, compare=False)
     config: dict[str, Any] = field(hash=False, compare=False)
+    schedule_label: str = "karras"
+
+    @property
+    def schedule(self) -> dict[str, Any]:
+        return self.config.get("schedule") or {"name": self.schedule_label}
 
     @property
     def rel_dir(self) -> Path:
-        return Path(self.model_label) / self.sampler_label / f"nfe={self.nfe}" / f"cfg={self.guidance:g}"
+        return (
+            Path(self.model_label)
+            / self.sampler_label
+            / self.schedule_label
+            / f"nfe={self.nfe}"
+            / f"cfg={self.guidance:g}"
+        )
 
     @property
     def config_hash(self) -> str:
         """Identity of everything that changes the samples (not where they are written)."""
-        keys = ("model", "sampler", "nfe", "guidance", "seed", "allow_lower_nfe", "prompts")
+        keys = ("model", "sampler", "schedule", "nfe", "guidance", "seed", "allow_lower_nfe", "prompts")
         if self.model.get("name") == "gmm":
             keys = keys[:-1]  # the analytic model's conditions come from the seed, not from prompts
         ident = {k: self.config.get(k) for k in keys}
@@ -89,7 +100,7 @@ def _label(name: str, chosen: dict[str, Any], defaults: dict[str, Any]) -> str:
         f"{k}={chosen[k]}" for k in sorted(chosen) if k not in _UNLABELLED and chosen[k] != defaults.get(k)
     ]
     label = f"{name}[{','.join(diff)}]" if diff else name
-    return re.sub(r"[^A-Za-z0-9_.,=\[\]+-]", "_", label)
+    return re.sub(r"[^A-Za-z0-9_.,=:\[\]+-]", "_", label)
 
 
 def _check_override(key: str, values: list[str], base: DictConfig) -> None:
@@ -98,7 +109,7 @@ def _check_override(key: str, values: list[str], base: DictConfig) -> None:
     top = key.split(".")[0]
     if key in GROUPS:
         valid = group_choices(key)
-        for v in values:
+        for v in (v.replace("\\", "") for v in values):  # Hydra escapes ':' in sweep values
             if v not in valid:
                 raise UsageError(
                     f"{key}={v} is unknown{_suggest(v, valid)}; choose one of {', '.join(valid)}"
@@ -174,6 +185,9 @@ def _make_cell(cfg: DictConfig) -> Cell:
     sampler_default = OmegaConf.to_container(
         OmegaConf.load(conf_dir() / "sampler" / f"{c['sampler']['name']}.yaml")
     )
+    schedule_default = OmegaConf.to_container(
+        OmegaConf.load(conf_dir() / "schedule" / f"{c['schedule']['name']}.yaml")
+    )
     return Cell(
         model_label=_label(c["model"]["name"], c["model"], model_default),
         sampler_label=_label(c["sampler"]["name"], c["sampler"], sampler_default),
@@ -182,7 +196,18 @@ def _make_cell(cfg: DictConfig) -> Cell:
         model=c["model"],
         sampler=c["sampler"],
         config=c,
+        schedule_label=_schedule_label(c["schedule"], schedule_default),
     )
+
+
+def _schedule_label(chosen: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """`karras`, `karras[rho=5.0]`; a custom list is named by a short hash of its levels."""
+    if chosen.get("name") == "custom" and chosen.get("sigmas"):
+        levels = json.dumps([float(v) for v in chosen["sigmas"]])
+        rest = {k: v for k, v in chosen.items() if k != "sigmas"}
+        base = _label("custom", rest, {k: v for k, v in defaults.items() if k != "sigmas"})
+        return f"{base}@{hashlib.sha256(levels.encode()).hexdigest()[:8]}"
+    return _label(str(chosen["name"]), chosen, defaults)
 
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -27,6 +27,7 @@ from samplebench.models import load_model
 from samplebench.prompts import load_labels, load_prompts
 from samplebench.samplers import get_sampler
 from samplebench.samplers.base import CountingDenoiser, guided_denoiser
+from samplebench.schedules import Grid, make_grid
 from samplebench.seeds import STREAM_NOISE, initial_noise, sample_seed, sampler_generators
 
 
@@ -42,7 +43,14 @@ class GenerationSummary:
 def steps_for(cell: Cell) -> int:
     """Solver steps for the cell's NFE budget (a one-line error if it cannot be spent)."""
     spec = get_sampler(cell.sampler["name"])
-    return spec.nfe_rule.steps(cell.nfe, cell.sampler["name"], bool(cell.config["allow_lower_nfe"]))
+    spec.check(_sampler_options(cell))
+    rule = spec.rule(_sampler_options(cell), cell.schedule)
+    return rule.steps(cell.nfe, cell.sampler["name"], bool(cell.config["allow_lower_nfe"]))
+
+
+def grid_for(model: Any, cell: Cell, steps: int) -> Grid:
+    """The noise levels the cell's sampler visits on this model."""
+    return make_grid(cell.schedule, model.noise_schedule, steps)
 
 
 def _sampler_options(cell: Cell) -> dict[str, Any]:
@@ -70,6 +78,7 @@ def prepare_cell_dir(run_dir: Path, cell: Cell) -> Path:
         {
             "model_label": cell.model_label,
             "sampler_label": cell.sampler_label,
+            "schedule_label": cell.schedule_label,
             "nfe": cell.nfe,
             "guidance": cell.guidance,
             "num_images": cell.config["num_images"],
@@ -96,6 +105,18 @@ def _append_provenance(run_dir: Path, cells: list[Cell]) -> None:
     seeds = sorted({int(c.config["seed"]) for c in cells})
     history.append(provenance.record(extra={"stage": "generate", "seeds": seeds, "cells": configs}))
     store.write_json(path, history)
+
+
+def _record_grid(cell_dir: Path, grid: Grid) -> None:
+    """The levels the cell visits and how they end, in cell.json (once the model gives its schedule)."""
+    import json
+
+    path = cell_dir / "cell.json"
+    info = json.loads(path.read_text())
+    if "sigmas" not in info:
+        info["sigmas"] = [float(v) for v in grid.sigmas]
+        info["schedule_ends"] = grid.ends
+        store.write_json(path, info)
 
 
 def describe_device(device: torch.device) -> str:
@@ -177,6 +198,7 @@ def sample_batch(model: Any, cell: Cell, indices: list[int], steps: int, conditi
     """Run the cell's sampler on one batch (device-synchronised timing), then decode to images."""
     spec = get_sampler(cell.sampler["name"])
     seed = int(cell.config["seed"])
+    grid = grid_for(model, cell, steps)
     x_T = initial_noise(seed, indices, model.sample_shape, model.dtype, model.device)
     cond, labels, ids, texts = conditions(indices)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
@@ -185,7 +207,8 @@ def sample_batch(model: Any, cell: Cell, indices: list[int], steps: int, conditi
     sync()
     start = time.perf_counter()
     with torch.no_grad():
-        x0 = spec.run(counter, x_T, steps, _sampler_options(cell), gens, model.scheduler_config())
+        x = model.noise_schedule.initial_state(x_T, float(grid.sigmas[0]))
+        x0 = spec.run(counter, x, grid, _sampler_options(cell), gens)
     sync()
     seconds = time.perf_counter() - start
     images, decode_seconds = None, 0.0
@@ -290,7 +313,9 @@ def generate(
     store.ensure_writable(run_dir)
     _append_provenance(run_dir, cells)
     steps = {c: steps_for(c) for c in cells}  # every NFE error before any work starts
-    ordered = sorted(cells, key=lambda c: (c.model_hash, c.sampler_label, c.nfe, c.guidance))
+    ordered = sorted(
+        cells, key=lambda c: (c.model_hash, c.sampler_label, c.schedule_label, c.nfe, c.guidance)
+    )
     todo = []
     for cell in ordered:
         cell_dir = prepare_cell_dir(run_dir, cell)
@@ -331,6 +356,7 @@ def generate(
                 warmed: set[str] = set()
                 for cell, cell_dir, size, starts, _ in group:
                     progress.update(task, description=f"{cell.rel_dir}")
+                    _record_grid(cell_dir, grid_for(model, cell, steps[cell]))
                     conditions = CellConditions(model, cell.config)
                     n, bs = int(cell.config["num_images"]), int(cell.config["batch_size"])
                     timeout = float(cell.config.get("claim_timeout", 600))

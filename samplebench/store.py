@@ -1,8 +1,8 @@
 """Run layout on disk: atomic writes, shards, and "is this finished".
 
     results/<run>/
-      <model>/<sampler>/nfe=<n>/cfg=<g>/cell.json      resolved config and its hash
-      <model>/<sampler>/nfe=<n>/cfg=<g>/shard-<first>-<last>.npz
+      <model>/<sampler>/<schedule>/nfe=<n>/cfg=<g>/cell.json      resolved config and its hash
+      <model>/<sampler>/<schedule>/nfe=<n>/cfg=<g>/shard-<first>-<last>.npz
       metrics.csv, metrics.protocol.json, leaderboard.md, plots/
 
 A shard is written to a temporary file in the same folder and renamed into place, so a crash
@@ -107,6 +107,12 @@ def shard_ranges(cell_dir: Path) -> list[tuple[int, int, Path]]:
     return out
 
 
+def solver_label(sampler: str, schedule: str) -> str:
+    """What the report ranks: a sampler on a schedule, `dpmpp · karras` (the sampler alone for runs
+    made before schedules were an axis)."""
+    return f"{sampler} · {schedule}" if schedule else sampler
+
+
 @dataclass(frozen=True)
 class CellRecord:
     """A cell as found on disk."""
@@ -116,8 +122,10 @@ class CellRecord:
 
     @property
     def key(self) -> tuple[str, str, int, float]:
+        """(model, solver, nfe, guidance): the solver is the sampler on its schedule (solver_label)."""
         i = self.info
-        return (i["model_label"], i["sampler_label"], int(i["nfe"]), float(i["guidance"]))
+        solver = solver_label(i["sampler_label"], i.get("schedule_label", ""))
+        return (i["model_label"], solver, int(i["nfe"]), float(i["guidance"]))
 
     def shards(self) -> list[tuple[int, int, Path]]:
         return shard_ranges(self.path)

@@ -3,6 +3,10 @@ import torch
 
 from samplebench.models.gmm import GaussianMixtureModel, MixtureSpec
 
+# pytest-xdist runs one worker per core: a worker with one intra-op thread is up to 20x faster on
+# the analytic model's tiny tensors than one whose threads fight the other worker for the cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def gmm() -> GaussianMixtureModel:

@@ -13,7 +13,7 @@ BAD = [
     (["sweep", "nfe=2.5"], "must be a positive integer"),
     (["sweep", "guidance=-1"], "guidance=-1 must be a number >= 0"),
     (["sweep", "sampelr=ddim"], "unknown key 'sampelr' (did you mean sampler?)"),
-    (["sweep", "sampler=dpmpp", "sampler.solver_ordr=3"], "did you mean solver_order?"),
+    (["sweep", "sampler=unipc", "sampler.ordr=3"], "did you mean order?"),
     (["sweep", "sampler=heun", "nfe=10"], "cannot spend exactly nfe=10"),
     (["sweep", "run=../escape"], "must be a plain folder name"),
     (["sweep", "nfe=[1"], "cannot parse overrides"),
@@ -41,7 +41,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_list_samplers_shows_nfe_rules():
     r = cli("list", "samplers")
     assert r.returncode == 0
-    for name, rule in [("dpmpp", "N"), ("heun", "2N-1"), ("pndm", "N+1")]:
+    for name, rule in [("dpmpp", "N"), ("heun", "2N-1"), ("diffusers:pndm", "N+1"), ("dpm_single", "3N-2")]:
         assert any(
             line.split("│")[1].strip() == name and rule in line
             for line in r.stdout.splitlines()
@@ -66,6 +66,7 @@ def test_sweep_end_to_end(tmp_path):
     assert list(df.columns) == [
         "model",
         "sampler",
+        "schedule",
         "nfe",
         "guidance",
         "metric",
@@ -103,6 +104,6 @@ def test_report_merges_runs(tmp_path):
     df = pd.read_csv(merged / "metrics.csv")
     assert set(df.sampler) == {"ddim", "unipc"} and len(df) == 2 * 2 * 2
     board = (merged / "leaderboard.md").read_text()
-    assert "| ddim |" in board and "| unipc |" in board
+    assert "| ddim · karras |" in board and "| unipc · karras |" in board
     page = (merged / "report" / "index.html").read_text()
     assert "old" in page and "new" in page

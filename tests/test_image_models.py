@@ -71,7 +71,7 @@ def test_sweep_counts_exact_nfe_and_shares_noise_and_prompts(tmp_path, pipelines
         np.testing.assert_array_equal(c["prompt_ids"], first["prompt_ids"])  # same prompt/label for image i
         np.testing.assert_array_equal(c["indices"], np.arange(4))
     if model != "ddpm_cifar10":  # guidance changes the images
-        a, b = cells[(model, "dpmpp", 5, 1.0)], cells[(model, "dpmpp", 5, 3.0)]
+        a, b = cells[(model, "dpmpp · karras", 5, 1.0)], cells[(model, "dpmpp · karras", 5, 3.0)]
         assert not np.array_equal(a["samples"], b["samples"])
 
 

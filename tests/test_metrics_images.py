@@ -84,11 +84,11 @@ def test_every_metric_has_a_row_with_an_interval_and_a_protocol(setup):
         both["clip_score_paper"], both["clip_score"] * 0.025, rtol=1e-9
     )  # same cosines
     sidecar = json.loads((run / "metrics.protocol.json").read_text())["rows"]
-    fid = sidecar["sd15|dpmpp|5|3.0|fid"]
+    fid = sidecar["sd15|dpmpp|karras|5|3.0|fid"]
     assert fid["mode"] == "legacy" and len(fid["weights_sha256"]) == 64 and fid["reference_images"] == "12"
     assert "reference_hash" in fid
-    assert "scaling" in sidecar["sd15|dpmpp|5|3.0|clip_score"]
-    assert sidecar["sd15|ddim|3|3.0|traj_mse"]["reference_sampler"] == "dpmpp_3m"
+    assert "scaling" in sidecar["sd15|dpmpp|karras|5|3.0|clip_score"]
+    assert sidecar["sd15|ddim|karras|3|3.0|traj_mse"]["reference_sampler"] == "dpmpp_3m"
     paired = pd.read_csv(run / "paired.csv")
     assert {"clip_score", "image_reward", "traj_mse"} <= set(paired.metric)
 
@@ -112,7 +112,7 @@ def test_a_second_pass_hits_the_cache_and_more_images_compute_only_the_new_shard
 
 def test_score_on_a_cell_folder_equals_the_metrics_stage(setup):
     root = setup["root"]
-    cell = root / "results" / "r" / "sd15" / "dpmpp" / "nfe=5" / "cfg=3"
+    cell = root / "results" / "r" / "sd15" / "dpmpp" / "karras" / "nfe=5" / "cfg=3"
     out = root / "score.csv"
     r = cli(
         "score",

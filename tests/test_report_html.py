@@ -186,7 +186,7 @@ def test_gmm_projections_one_panel_per_sampler_and_nfe(gmm_run: Path, tmp_path: 
     assert [p.name for p in paths] == ["proj_gmm_cfg1_p1.png", "proj_gmm_cfg2_p1.png"]
     for path in paths:
         rows, cols, missing = _png_layout(path)
-        assert rows == list(SAMPLERS) and cols == list(NFES) and missing == []
+        assert rows == [f"{s} · karras" for s in SAMPLERS] and cols == list(NFES) and missing == []
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert image_grids(gmm_run, tmp_path / "none") == []  # the analytic model has no images
     # One column per page: two pages per guidance, each half as wide, every panel on exactly one page.

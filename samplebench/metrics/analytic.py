@@ -72,10 +72,17 @@ def fd_exact(
 
 
 def _cache_key(
-    model: GaussianMixtureModel, model_cfg: dict, seed: int, guidance: float, indices: np.ndarray, rtol: float
+    model: GaussianMixtureModel,
+    model_cfg: dict,
+    seed: int,
+    guidance: float,
+    indices: np.ndarray,
+    rtol: float,
+    sigma_start: float | None = None,
 ) -> str:
     ident = {
         "model": model_cfg,
+        **({} if sigma_start is None else {"sigma_start": float(sigma_start)}),
         "seed": seed,
         "guidance": guidance,
         "rtol": rtol,
@@ -93,14 +100,18 @@ def reference_solution(
     labels: np.ndarray,
     cache_dir: Path,
     rtol: float,
+    sigma_start: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ODE endpoints for these samples and the schedule's floor points; computed once, cached."""
-    path = cache_dir / f"{_cache_key(model, model_cfg, seed, guidance, indices, rtol)}.npz"
+    """Exact ODE endpoints for these samples (from the cell's first level) and the floor points;
+    computed once, cached."""
+    path = cache_dir / f"{_cache_key(model, model_cfg, seed, guidance, indices, rtol, sigma_start)}.npz"
     if path.exists():
         with np.load(path) as z:
             return z["reference"], z["floor"]
     x_T = initial_noise(seed, indices.tolist(), model.sample_shape, torch.float64, model.device)
-    ref, floor = solve_with_floor(model, x_T, torch.as_tensor(labels), guidance, rtol=rtol, atol=rtol)
+    ref, floor = solve_with_floor(
+        model, x_T, torch.as_tensor(labels), guidance, rtol=rtol, atol=rtol, sigma_start=sigma_start
+    )
     buf = io.BytesIO()
     np.savez(buf, reference=ref.numpy(), floor=floor.numpy())
     store.atomic_write_bytes(path, buf.getvalue())

@@ -263,6 +263,9 @@ class CellScores:
     rows: list[dict[str, Any]] = field(default_factory=list)  # metric, value, ci_low, ci_high
     per_image: dict[str, np.ndarray] = field(default_factory=dict)  # per-image metric values
     protocols: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> protocol record
+    # Sample index of each per-image value (None: 0..n-1). With non-finite samples excluded, positions
+    # are not indices, and paired tests must pair the same images.
+    indices: np.ndarray | None = None
 
 
 def score_features(
@@ -359,9 +362,11 @@ def score_image_cell(ctx: ImageContext, cell: store.CellRecord, names: list[str]
 
     want_inception = any(n in ("fid", "kid", "is", "precision", "recall") for n in names)
     want_clip = any(n in ("clip_score", "clip_score_paper") for n in names)
-    pools, logits, cos, rewards, mse = [], [], [], [], []
+    pools, logits, cos, rewards, mse, kept = [], [], [], [], [], []
     for _, _, path in cell.shards():
-        keep = store.read_shard(path, ("finite",))["finite"]
+        flags = store.read_shard(path, ("finite", "indices"))
+        keep = flags["finite"]
+        kept.append(flags["indices"][keep])
         if want_inception:
             f = ctx.inception_features(path)
             pools.append(f["pool"][keep])
@@ -401,4 +406,5 @@ def score_image_cell(ctx: ImageContext, cell: store.CellRecord, names: list[str]
     logit = np.concatenate(logits).astype(np.float64) if logits else None
     scores = score_features(ctx, names, pool, logit, per_image)
     scores.protocols.update(protocols)
+    scores.indices = np.concatenate(kept)
     return scores

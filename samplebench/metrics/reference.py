@@ -41,12 +41,16 @@ def solve_with_floor(
     guidance: float,
     rtol: float = 1e-10,
     atol: float = 1e-10,
+    sigma_start: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact clean samples, and where an exact solve that stops at the schedule's smallest level
     sigma(t=0) and then jumps to 0 with the exact denoiser lands. Every sampler on the discrete
     schedule ends with such a jump, so as NFE grows it converges to the second point: their
-    distance is the floor of traj_err."""
+    distance is the floor of traj_err. The solve starts where the cell's grid starts (sigma_start,
+    by default the largest training level) from x_T sqrt(1 + sigma_start^2), as every sampler does."""
     sigma_max = float(((1 - model.alphas_cumprod[-1]) / model.alphas_cumprod[-1]).sqrt())
+    if sigma_start is not None:
+        sigma_max = float(sigma_start)
     sigma_min = float(((1 - model.alphas_cumprod[0]) / model.alphas_cumprod[0]).sqrt())
     n, d = x_T.shape
     labels = labels.to(model.device)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from samplebench import store
@@ -17,10 +18,13 @@ from samplebench.metrics import analytic
 from samplebench.metrics.names import ALL, ANALYTIC
 from samplebench.models import load_model
 from samplebench.provenance import git_commit, versions
-from samplebench.report import KEY_COLUMNS, METRICS_COLUMNS
+from samplebench.report import FILE_KEY_COLUMNS, METRICS_COLUMNS, NONFINITE
 
 COLUMNS = list(METRICS_COLUMNS)  # one definition of metrics.csv, shared with the report
-KEY = list(KEY_COLUMNS)
+KEY = list(FILE_KEY_COLUMNS)
+CELL_KEY = KEY[:-1]
+# Fewer finite samples than this leave nothing to score (a covariance needs two): such a cell gets NaN rows.
+MIN_FINITE = 2
 
 
 def _cell_samples(cell: store.CellRecord) -> dict[str, np.ndarray]:
@@ -29,6 +33,34 @@ def _cell_samples(cell: store.CellRecord) -> dict[str, np.ndarray]:
     parts = [store.read_shard(p, keys) for _, _, p in cell.shards()]
     n = int(cell.info["num_images"])
     return {k: np.concatenate([p[k] for p in parts])[:n] for k in keys}
+
+
+def finite_flags(cell: store.CellRecord) -> np.ndarray:
+    """Per sample of the cell's first num_images (the ones its metrics cover): no NaN or inf in it."""
+    parts = [store.read_shard(p, ("finite",))["finite"] for _, _, p in cell.shards()]
+    return np.concatenate(parts)[: int(cell.info["num_images"])].astype(bool)
+
+
+def _unscorable(names: list[str], n_total: int):
+    """NaN rows for every metric of a cell with (almost) no finite samples: the cell stays visible as
+    excluded in metrics.csv (n_images=0 or 1) instead of vanishing or stopping the pass."""
+    from samplebench.metrics.image import CellScores
+
+    out = CellScores()
+    nan = float("nan")
+    for name in names:
+        out.rows.append(dict(metric=name, value=nan, ci_low=nan, ci_high=nan))
+        out.protocols[name] = {
+            "excluded": f"not computed: fewer than {MIN_FINITE} of {n_total} samples finite"
+        }
+    return out
+
+
+def _nonfinite_row(n_bad: int, n_total: int) -> dict[str, Any]:
+    """The cell's share of non-finite samples; n_images is the cell's whole sample count, so the count
+    is value * n_images."""
+    nan = float("nan")
+    return dict(metric=NONFINITE, value=n_bad / n_total, ci_low=nan, ci_high=nan, n_images=n_total)
 
 
 TIMING_KEYS = (
@@ -60,6 +92,7 @@ def timing_row(cell: store.CellRecord) -> dict[str, Any]:
     return {
         "model": info["model_label"],
         "sampler": info["sampler_label"],
+        "schedule": info.get("schedule_label", ""),
         "nfe": int(info["nfe"]),
         "guidance": float(info["guidance"]),
         "n_images": int(sizes.sum()),
@@ -103,10 +136,16 @@ def _score_gmm(
             "interval": f"basic bootstrap over samples, {reps} resamples",
         }
     if "traj_err" in names:
-        errs, floors = [], []
+        errs, floors, kept = [], [], []
+        n = int(cell.info["num_images"])
+        # The exact solve starts where the cell's grid starts (shared by every grid that starts at sigma_max).
+        start = (cell.info.get("sigmas") or [None])[0]
+        if start is not None and abs(start / model.noise_schedule.sigma_max - 1) < 1e-9:
+            start = None
         for _, _, path in cell.shards():
             shard = store.read_shard(path, ("samples", "indices", "labels", "finite"))
-            keep = shard["finite"]
+            keep = shard["finite"] & (shard["indices"] < n)  # the samples fd_exact and n_images cover
+            kept.append(shard["indices"][keep])
             ref, floor = analytic.reference_solution(
                 model,
                 info["model"],
@@ -116,15 +155,16 @@ def _score_gmm(
                 shard["labels"],
                 cache_dir,
                 rtol,
+                start,
             )
             errs.append(analytic.per_sample_traj_err(shard["samples"][keep], ref[keep]))
             floors.append(analytic.per_sample_traj_err(floor[keep], ref[keep]))
-        n_ok = int(ok.sum())
-        per = np.concatenate(errs)[:n_ok]
+        per = np.concatenate(errs)
         value, lo, hi = analytic.traj_err(per, reps)
         out.rows.append(dict(metric="traj_err", value=value, ci_low=lo, ci_high=hi))
         out.per_image["traj_err"] = per
-        floor = float(np.concatenate(floors)[:n_ok].mean())
+        out.indices = np.concatenate(kept)
+        floor = float(np.concatenate(floors).mean())
         floors_out[f"{cell.info['model_label']} guidance={float(info['guidance']):g}"] = floor
         out.protocols["traj_err"] = {
             "definition": "mean over samples of the per-sample RMS distance to the exact probability-flow "
@@ -137,9 +177,27 @@ def _score_gmm(
     return out
 
 
-def _merge_csv(path: Path, new: pd.DataFrame, key: list[str]) -> pd.DataFrame:
+def _in_keys(df: pd.DataFrame, keys: set[tuple[Any, ...]]) -> pd.Series:
+    """Rows of df whose (model, sampler, schedule, nfe, guidance, metric) is one of `keys`."""
+    if "schedule" not in df.columns:  # a metrics.csv from before schedules were an axis
+        df = df.assign(schedule="")
+    rows = zip(*(df[k] for k in KEY), strict=True)
+    return pd.Series(
+        [(m, s, str(c) if pd.notna(c) else "", int(n), float(g), x) in keys for m, s, c, n, g, x in rows],
+        index=df.index,
+        dtype=bool,
+    )
+
+
+def _merge_csv(
+    path: Path, new: pd.DataFrame, key: list[str], replaced: set[tuple[Any, ...]] | None = None
+) -> pd.DataFrame:
+    """Old rows with new rows of the same key replaced; old rows whose KEY is in `replaced` are dropped."""
     if path.exists():
-        new = pd.concat([pd.read_csv(path), new]).drop_duplicates(subset=key, keep="last")
+        old = pd.read_csv(path)
+        if replaced:
+            old = old[~_in_keys(old, replaced)]
+        new = pd.concat([old, new]).drop_duplicates(subset=key, keep="last")
     new = new.sort_values(key).reset_index(drop=True)
     store.atomic_write_text(path, new.to_csv(index=False))
     return new
@@ -153,6 +211,8 @@ def paired_comparisons(per_image: pd.DataFrame, reps: int = 2000) -> pd.DataFram
     rows = []
     for (model, nfe, guidance, metric), group in per_image.groupby(["model", "nfe", "guidance", "metric"]):
         wide = group.pivot_table(index="index", columns="sampler", values="value").dropna()
+        if len(wide) < 2:  # no images scored by every sampler (e.g. non-finite ones excluded): no test
+            continue
         samplers = sorted(wide.columns)
         for i, a in enumerate(samplers):
             for b in samplers[i + 1 :]:
@@ -219,80 +279,112 @@ def compute_metrics(
     models: dict[str, Any] = {}
     timings: list[dict[str, Any]] = []
     floors: dict[str, float] = {}
+    scored_cells: set[tuple[Any, ...]] = set()  # (model, sampler, nfe, guidance) scored in this pass
+    scored: set[tuple[Any, ...]] = set()  # the same with each metric requested for the cell
+    nonfinite: list[str] = []  # their folders, for cells with non-finite samples
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("metrics", total=len(finished))
         for cell in finished:
             cfg = cell.info["config"]
             timing = timing_row(cell)
             timings.append(timing)
-            if cfg["model"]["name"] == "gmm":
+            gmm = cfg["model"]["name"] == "gmm"
+            wanted = [n for n in names if (n in ANALYTIC) == gmm]
+            finite = finite_flags(cell)
+            n_total, n_ok = len(finite), int(finite.sum())
+            if n_ok < MIN_FINITE:
+                scores = _unscorable(wanted, n_total)
+            elif gmm:
                 mh = cell.info["model_hash"]
                 if mh not in models:
                     models[mh] = load_model(cfg["model"], "cpu")
-                scores = _score_gmm(
-                    cell,
-                    [n for n in names if n in ANALYTIC],
-                    models[mh],
-                    metrics_cfg,
-                    cache_root / "traj",
-                    floors,
-                )
+                scores = _score_gmm(cell, wanted, models[mh], metrics_cfg, cache_root / "traj", floors)
             else:
-                scores = score_image_cell(ctx, cell, [n for n in names if n not in ANALYTIC])
-            if timing["non_finite"]:
-                console.print(
-                    f"[red]{cell.path.relative_to(run_dir)}: {timing['non_finite']} non-finite samples "
-                    "excluded from its metrics[/]"
-                )
+                scores = score_image_cell(ctx, cell, wanted)
             base = {
                 "model": cell.info["model_label"],
                 "sampler": cell.info["sampler_label"],
+                "schedule": cell.info.get("schedule_label", ""),
                 "nfe": int(cell.info["nfe"]),
                 "guidance": float(cell.info["guidance"]),
-                "n_images": timing["n_images"] - timing["non_finite"],
+                "n_images": n_ok,
                 "sec_per_image": timing["sec_per_image_total"],
                 "nfe_actual": timing["nfe_actual"],
             }
-            for r in scores.rows:
-                rows.append({**base, **r})
-                key = (
-                    "|".join(str(base[k]) for k in ("model", "sampler", "nfe", "guidance"))
-                    + f"|{r['metric']}"
+            cell_key = tuple(base[k] for k in CELL_KEY)
+            scored_cells.add(cell_key)
+            scored.update((*cell_key, name) for name in wanted)
+            cell_rows = [{**base, **r} for r in scores.rows]
+            if n_ok < n_total:
+                rel = str(cell.path.relative_to(run_dir))
+                nonfinite.append(rel)
+                what = (
+                    "no metrics for this cell"
+                    if n_ok < MIN_FINITE
+                    else f"excluded, its metrics use the {n_ok} finite ones"
                 )
+                console.print(
+                    f"[yellow]warning:[/] {escape(rel)}: {n_total - n_ok} of {n_total} samples non-finite "
+                    f"(NaN or inf); {what}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                cell_rows.append({**base, **_nonfinite_row(n_total - n_ok, n_total)})
+                scores.protocols[NONFINITE] = {
+                    "definition": "share of the cell's samples with a NaN or inf element; they are "
+                    "excluded from every other metric of the cell (n_images counts the finite ones)",
+                }
+            for row in cell_rows:
+                rows.append(row)
+                key = "|".join(str(row[k]) for k in KEY)
                 row_protocols[key] = {
-                    **scores.protocols.get(r["metric"], {}),
-                    "n_images": str(base["n_images"]),
+                    **scores.protocols.get(row["metric"], {}),
+                    "n_images": str(row["n_images"]),
                 }
             for metric, values in scores.per_image.items():
+                index = scores.indices if scores.indices is not None else np.arange(len(values))
                 per_image_rows.append(
                     pd.DataFrame(
                         {
-                            **{k: base[k] for k in ("model", "sampler", "nfe", "guidance")},
+                            **{k: base[k] for k in CELL_KEY},
+                            # paired tests compare solvers (sampler on schedule), as leaderboards rank them
+                            "sampler": store.solver_label(base["sampler"], base["schedule"]),
                             "metric": metric,
-                            "index": np.arange(len(values)),
+                            "index": index,
                             "value": values,
                         }
                     )
                 )
             progress.advance(task)
     if timings:
-        _merge_csv(run_dir / "timings.csv", pd.DataFrame(timings), ["model", "sampler", "nfe", "guidance"])
-    merged = _merge_csv(run_dir / "metrics.csv", pd.DataFrame(rows, columns=COLUMNS), KEY)
-    if per_image_rows:
-        per_image = pd.concat(per_image_rows)
-        pi_path = run_dir / "per_image.parquet"
-        if pi_path.exists():
-            per_image = pd.concat([pd.read_parquet(pi_path), per_image]).drop_duplicates(
-                subset=[*KEY, "index"], keep="last"
-            )
+        _merge_csv(
+            run_dir / "timings.csv",
+            pd.DataFrame(timings),
+            ["model", "sampler", "schedule", "nfe", "guidance"],
+        )
+    # A cell scored again keeps no non-finite row from an earlier pass unless it still has some.
+    merged = _merge_csv(
+        run_dir / "metrics.csv",
+        pd.DataFrame(rows, columns=COLUMNS),
+        KEY,
+        {(*cell, NONFINITE) for cell in scored_cells},
+    )
+    pi_path = run_dir / "per_image.parquet"
+    parts = list(per_image_rows)
+    if pi_path.exists():
+        # A cell's per-image values of a metric scored again replace the old ones as a whole: images now
+        # excluded as non-finite (or a cell with none finite) must not keep values from an earlier pass.
+        old_pi = pd.read_parquet(pi_path)
+        parts.insert(0, old_pi[~_in_keys(old_pi, scored)])
+    if parts:
+        per_image = pd.concat(parts)
         buf = __import__("io").BytesIO()
         per_image.to_parquet(buf, index=False)
         store.atomic_write_bytes(pi_path, buf.getvalue())
-        _merge_csv(
-            run_dir / "paired.csv",
-            paired_comparisons(per_image),
-            ["model", "nfe", "guidance", "metric", "sampler_a", "sampler_b"],
-        )
+        # Made from every per-image value of the run, so it replaces the old file (no stale pairs).
+        paired_key = ["model", "nfe", "guidance", "metric", "sampler_a", "sampler_b"]
+        paired = paired_comparisons(per_image).sort_values(paired_key).reset_index(drop=True)
+        store.atomic_write_text(run_dir / "paired.csv", paired.to_csv(index=False))
     sidecar_path = run_dir / "metrics.protocol.json"
     old = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else {}
     protocol = {
@@ -309,4 +401,11 @@ def compute_metrics(
         console.print(f"traj_err floor of the discrete schedule ({key}): {value:.2e}")
     if ctx.recomputed:
         console.print(f"{ctx.recomputed} feature or reference blocks computed (the rest came from the cache)")
+    if nonfinite:
+        console.print(
+            f"[yellow]warning:[/] {len(nonfinite)} of {len(finished)} cells had non-finite samples, "
+            f"excluded from their metrics: {escape(', '.join(nonfinite))}",
+            highlight=False,
+            soft_wrap=True,
+        )
     return merged

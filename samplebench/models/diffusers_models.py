@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from samplebench.errors import UsageError
-from samplebench.models.base import sigmas_from_alphas_cumprod
+from samplebench.models.base import NoiseSchedule, sigmas_from_alphas_cumprod, vp_denoise
 
 HUB_IDS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -175,6 +175,7 @@ class DiffusersModel:
         self._betas = train.betas.numpy().copy()
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
         self.train_sigmas = sigmas_from_alphas_cumprod(train.alphas_cumprod)
+        self.noise_schedule = NoiseSchedule("vp_discrete", self.train_sigmas)
         self._log_sigmas = self.train_sigmas.log().numpy()  # for sigma -> t on every call
         self.net = pipe.transformer if self.kind == "class" else pipe.unet
         self.vae = getattr(pipe, "vae", None)
@@ -236,6 +237,10 @@ class DiffusersModel:
                 extra["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
             out = self.net(x_in, timesteps, encoder_hidden_states=cond.embeds, **extra).sample
         return out.to(x.dtype)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        """D(x; sigma) from the network's eps / v / sample prediction (models.base.vp_denoise)."""
+        return vp_denoise(self, x, sigma, cond)
 
     def encode(self, raw: list[Any]) -> Any:
         """Conditions for a batch: prompts (text models), class labels, or None."""

@@ -17,6 +17,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from samplebench.errors import UsageError
+from samplebench.models.base import NoiseSchedule, sigmas_from_alphas_cumprod
 from samplebench.seeds import STREAM_CONDITION, generator
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
@@ -78,6 +79,7 @@ class GaussianMixtureModel:
         )
         self._betas = ddpm.betas.numpy().copy()
         self.alphas_cumprod = ddpm.alphas_cumprod.to(torch.float64)
+        self.noise_schedule = NoiseSchedule("vp_discrete", sigmas_from_alphas_cumprod(self.alphas_cumprod))
 
     def scheduler_config(self) -> dict[str, Any]:
         return dict(
@@ -142,6 +144,12 @@ class GaussianMixtureModel:
         sigma = sigma.to(device=x.device, dtype=torch.float64).expand(x.shape[0])
         y = x64 * (1 + sigma**2).sqrt()[:, None]
         return self.eps_ve(y, sigma, cond).to(x.dtype)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Exact D(x; sigma) = x - sigma * eps(x, sigma) at VE input x (Tweedie), in float64."""
+        x64 = x.to(torch.float64)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        return (x64 - sigma[:, None] * self.eps_ve(x64, sigma, cond)).to(x.dtype)
 
     def conditions(self, indices: list[int], seed: int) -> torch.Tensor:
         w = self.weights.cpu()

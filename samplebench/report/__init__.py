@@ -10,10 +10,11 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-# Columns of metrics.csv, long format: one row per (model, sampler, nfe, guidance, metric).
+# Columns of metrics.csv, long format: one row per (model, sampler, schedule, nfe, guidance, metric).
 METRICS_COLUMNS: tuple[str, ...] = (
     "model",
     "sampler",
+    "schedule",
     "nfe",
     "guidance",
     "metric",
@@ -24,7 +25,30 @@ METRICS_COLUMNS: tuple[str, ...] = (
     "sec_per_image",
     "nfe_actual",
 )
+# The key of a row in metrics.csv on disk.
+FILE_KEY_COLUMNS: tuple[str, ...] = ("model", "sampler", "schedule", "nfe", "guidance", "metric")
+# The key inside the report, where `sampler` is the solver: the sampler on its schedule (solver_frame).
 KEY_COLUMNS: tuple[str, ...] = ("model", "sampler", "nfe", "guidance", "metric")
+CELL_COLUMNS: tuple[str, ...] = KEY_COLUMNS[:-1]
+
+
+def solver_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """metrics.csv as the report ranks it: `sampler` becomes `dpmpp · karras` (store.solver_label), so
+    every table, plot and check keys on the sampler *and* its schedule; `schedule` stays a column."""
+    from samplebench.store import solver_label
+
+    if "schedule" not in df.columns or "sampler" not in df.columns or df.empty:
+        return df
+    out = df.copy()
+    schedules = out["schedule"].fillna("").astype(str)
+    out["sampler"] = [solver_label(str(a), b) for a, b in zip(out["sampler"], schedules, strict=True)]
+    return out
+
+
+# Not a quality metric: the share of a cell's samples with a NaN or inf element (n_images = all of the
+# cell's samples), written only for cells that have some. Those samples are left out of every other metric
+# of the cell, whose n_images counts the finite ones; a cell with (almost) none finite gets NaN values.
+NONFINITE = "nonfinite_frac"
 
 LOWER_IS_BETTER: dict[str, bool] = {
     "fd_exact": True,
@@ -38,6 +62,7 @@ LOWER_IS_BETTER: dict[str, bool] = {
     "clip_score_paper": False,
     "precision": False,
     "recall": False,
+    NONFINITE: True,
 }
 
 
@@ -65,11 +90,42 @@ def require_unique_keys(df: pd.DataFrame) -> None:
         raise ValueError(f"metrics table has {int(duplicated.sum())} rows sharing a key, e.g. {first}")
 
 
+def quality_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows that rank samplers: everything but the non-finite bookkeeping rows."""
+    return df[df["metric"] != NONFINITE] if "metric" in df.columns else df
+
+
+def nonfinite_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell with non-finite samples: model, sampler, nfe, guidance, n_samples, n_nonfinite,
+    n_finite, and scored (whether any of its metrics has a value, i.e. enough samples were finite)."""
+    columns = [*CELL_COLUMNS, "n_samples", "n_nonfinite", "n_finite", "scored"]
+    if "metric" not in df.columns:
+        return pd.DataFrame(columns=columns)
+    rows = df[(df["metric"] == NONFINITE) & (df["value"].fillna(0) > 0)]
+    quality = quality_rows(df)
+    has_value = {
+        tuple(k) for k in quality.loc[quality["value"].notna(), list(CELL_COLUMNS)].itertuples(index=False)
+    }
+    out = []
+    for r in rows.itertuples(index=False):
+        total = int(r.n_images) if "n_images" in df.columns and pd.notna(r.n_images) else 0
+        bad = int(round(float(r.value) * total))
+        key = (r.model, r.sampler, r.nfe, r.guidance)
+        out.append((*key, total, bad, total - bad, key in has_value))
+    return pd.DataFrame(out, columns=columns)
+
+
 __all__ = [
+    "CELL_COLUMNS",
+    "FILE_KEY_COLUMNS",
     "KEY_COLUMNS",
     "LOWER_IS_BETTER",
     "METRICS_COLUMNS",
+    "NONFINITE",
     "lower_is_better",
+    "nonfinite_cells",
+    "quality_rows",
     "require_columns",
     "require_unique_keys",
+    "solver_frame",
 ]

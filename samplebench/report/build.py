@@ -13,11 +13,15 @@ from rich.table import Table
 
 from samplebench import store
 from samplebench.errors import UsageError
+from samplebench.report import nonfinite_cells, quality_rows, solver_frame
 from samplebench.report.leaderboard import (
     best_per_budget,
     best_per_budget_markdown,
     leaderboard_csv,
     leaderboard_tables,
+    nonfinite_html,
+    nonfinite_markdown,
+    nonfinite_rich,
     print_rich,
     render_html,
     render_markdown,
@@ -60,12 +64,20 @@ def print_timings(df: pd.DataFrame, console: Console) -> None:
 
 
 def _merged_csv(run_dirs: list[Path], name: str, key: list[str]) -> pd.DataFrame | None:
-    """One table from several runs; a later run's row replaces an earlier run's row for the same key."""
+    """One table from several runs, as written (sampler and schedule apart); a later run's row
+    replaces an earlier run's row for the same key."""
     frames = [pd.read_csv(d / name) for d in run_dirs if (d / name).exists()]
     frames = [f for f in frames if not f.empty]
     if not frames:
         return None
     return pd.concat(frames).drop_duplicates(subset=key, keep="last").reset_index(drop=True)
+
+
+def _file_key(run_dirs: list[Path], name: str) -> list[str]:
+    """The cell key of a results table: with `schedule` unless every run predates the schedule axis."""
+    header = [pd.read_csv(d / name, nrows=0).columns for d in run_dirs if (d / name).exists()]
+    with_schedule = any("schedule" in h for h in header)
+    return ["model", "sampler", *(["schedule"] if with_schedule else []), "nfe", "guidance"]
 
 
 def _protocol(run_dirs: list[Path]) -> dict[str, Any]:
@@ -97,13 +109,17 @@ def build_report(run_dirs: Path | list[Path], console: Console) -> list[Path]:
     out = output_dir(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    timings = _merged_csv(run_dirs, "timings.csv", KEY)
+    timings = _merged_csv(run_dirs, "timings.csv", _file_key(run_dirs, "timings.csv"))
     if timings is not None:
-        print_timings(timings, console)
         if len(run_dirs) > 1:
             store.atomic_write_text(out / "timings.csv", timings.to_csv(index=False))
+        timings = solver_frame(timings)
+        print_timings(timings, console)
         files.append(out / "timings.csv")
-    df = _merged_csv(run_dirs, "metrics.csv", [*KEY, "metric"])
+    df = _merged_csv(run_dirs, "metrics.csv", [*_file_key(run_dirs, "metrics.csv"), "metric"])
+    if df is not None and len(run_dirs) > 1:
+        store.atomic_write_text(out / "metrics.csv", df.to_csv(index=False))
+    df = None if df is None else solver_frame(df)
     paired = _merged_csv(
         run_dirs, "paired.csv", ["model", "nfe", "guidance", "metric", "sampler_a", "sampler_b"]
     )
@@ -112,10 +128,11 @@ def build_report(run_dirs: Path | list[Path], console: Console) -> list[Path]:
     if df is None or df.empty:
         console.print("no quality metrics in this run yet; timings only")
     else:
-        if len(run_dirs) > 1:
-            store.atomic_write_text(out / "metrics.csv", df.to_csv(index=False))
         boards = leaderboard_tables(df, paired)
         print_rich(boards, console)
+        excluded = nonfinite_cells(df)
+        if not excluded.empty:
+            console.print(nonfinite_rich(excluded))
         best = best_per_budget(df)
         md = out / "leaderboard.md"
         store.atomic_write_text(
@@ -123,15 +140,17 @@ def build_report(run_dirs: Path | list[Path], console: Console) -> list[Path]:
             f"# {out.name}: leaderboard\n\n"
             + render_markdown(boards)
             + "\n"
+            + nonfinite_markdown(excluded)
+            + ("\n" if not excluded.empty else "")
             + best_per_budget_markdown(best),
         )
         store.atomic_write_text(out / "leaderboard.csv", leaderboard_csv(boards).to_csv(index=False))
         store.atomic_write_text(out / "best_per_budget.csv", best.to_csv(index=False))
         files += [md, out / "leaderboard.csv", out / "best_per_budget.csv"]
-        leaderboard_html = render_html(boards) + _best_html(best)
+        leaderboard_html = render_html(boards) + nonfinite_html(excluded) + _best_html(best)
         plot_dir = out / "plots"
         plot_dir.mkdir(exist_ok=True)
-        for metric in sorted(df["metric"].unique()):
+        for metric in sorted(quality_rows(df)["metric"].unique()):
             figures.setdefault("Pareto plots", []).extend(plot_metric(df, metric, plot_dir))
         files += figures.get("Pareto plots", [])
     files += _grids_and_page(run_dirs, out, figures, leaderboard_html, timings)

@@ -415,12 +415,16 @@ def gmm_projections(
                         ax.scatter(
                             p[:, 0], p[:, 1], s=2.5, c=colours, alpha=0.7, linewidths=0, rasterized=True
                         )
-                        outside = int((~(np.abs(p - [cx, cy]) <= half).all(1)).sum())
-                        if outside:
+                        finite = np.isfinite(p).all(1)
+                        outside = int((~(np.abs(p[finite] - [cx, cy]) <= half).all(1)).sum())
+                        notes = [f"{outside} outside"] if outside else []
+                        if not finite.all():  # NaN or inf: nowhere to draw them, so say how many
+                            notes.append(f"{int((~finite).sum())} non-finite")
+                        if notes:
                             ax.text(
                                 0.97,
                                 0.03,
-                                f"{outside} outside",
+                                ", ".join(notes),
                                 transform=ax.transAxes,
                                 ha="right",
                                 va="bottom",

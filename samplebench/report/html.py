@@ -23,6 +23,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from samplebench import store
+from samplebench.report import quality_rows
 
 CSS = """
 :root { --ink: #1d1d1f; --muted: #5f6368; --rule: #d0d4d9; --soft: #f5f6f8; --accent: #1f4e8c; }
@@ -64,6 +65,7 @@ tbody th { text-align: left; font-weight: 600; white-space: nowrap; }
 td.best { background: #e3f0e6; }
 td.tie { color: #3b4a5a; }
 td.missing { color: #9aa0a6; text-align: center; }
+td.nonfinite { color: #8a5a00; background: #fdf3dc; }
 table.leaderboard td { white-space: nowrap; }
 p.legend { color: var(--muted); font-size: 12.5px; margin: -10px 0 18px; }
 .figures { display: grid; grid-template-columns: 1fr; gap: 22px; }
@@ -346,7 +348,7 @@ def _summary(run_dirs: Sequence[Path]) -> str:
         if metrics_path.exists():
             df = pd.read_csv(metrics_path)
             if "metric" in df.columns:
-                metrics = sorted(df["metric"].astype(str).unique())
+                metrics = sorted(quality_rows(df)["metric"].astype(str).unique())
 
         def values(i: int, cells: list = cells) -> str:
             return ", ".join(

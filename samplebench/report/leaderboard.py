@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -16,7 +16,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from samplebench.report import KEY_COLUMNS, lower_is_better, require_columns, require_unique_keys
+from samplebench.report import (
+    CELL_COLUMNS,
+    KEY_COLUMNS,
+    lower_is_better,
+    nonfinite_cells,
+    quality_rows,
+    require_columns,
+    require_unique_keys,
+)
 
 LEADERBOARD_COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "value", "ci_low", "ci_high")
 TIE_MARK = "≈"
@@ -25,6 +33,13 @@ LEGEND = (
     f"Cells: value [95% CI]. Best per NFE column in **bold**; {TIE_MARK} = tied with the best (95% CIs "
     "overlap, or a paired test on the same images is not significant at 5%); — = not run."
 )
+PARTIAL_MARK = "†"
+NONFINITE_TEXT = "non-finite"
+PARTIAL_LEGEND = (
+    f"{PARTIAL_MARK} = some samples were non-finite (NaN or inf): the value is over the finite ones, "
+    "not ranked."
+)
+NONFINITE_LEGEND = f"{NONFINITE_TEXT} = (almost) every sample was NaN or inf: no value."
 
 BoardKey = tuple[str, str, float]
 
@@ -46,6 +61,8 @@ class Leaderboard:
     ci_high: pd.DataFrame
     best: dict[Any, str]
     ties: dict[Any, frozenset[str]]
+    # (sampler, nfe) -> share of that cell's samples that were non-finite; such cells are never ranked.
+    nonfinite: dict[tuple[str, Any], float] = field(default_factory=dict)
 
     @property
     def lower_is_better(self) -> bool:
@@ -123,8 +140,9 @@ def leaderboard_tables(df: pd.DataFrame, paired: pd.DataFrame | None = None) -> 
     """
     require_columns(df, LEADERBOARD_COLUMNS)
     require_unique_keys(df)
+    bad = _nonfinite_shares(df)
     boards: dict[BoardKey, Leaderboard] = {}
-    for (model, metric, guidance), group in df.groupby(
+    for (model, metric, guidance), group in quality_rows(df).groupby(
         ["model", "metric", "guidance"], sort=True, dropna=False
     ):
         lower = lower_is_better(str(metric))
@@ -133,17 +151,36 @@ def leaderboard_tables(df: pd.DataFrame, paired: pd.DataFrame | None = None) -> 
         values = _pivot(group, "value", samplers, nfes)
         low = _pivot(group, "ci_low", samplers, nfes)
         high = _pivot(group, "ci_high", samplers, nfes)
+        nonfinite = {
+            (s, n): frac
+            for (m, s, n, g), frac in bad.items()
+            if m == model and g == guidance and s in samplers and n in nfes
+        }
         best: dict[Any, str] = {}
         ties: dict[Any, frozenset[str]] = {}
         for nfe in nfes:
-            result = _column_best(values[nfe], low[nfe], high[nfe], lower)
+            # A cell with non-finite samples is scored on the survivors only: ranking it would reward
+            # a sampler for the samples it lost, so it is shown but takes no part.
+            ranked = values[nfe].mask([(s, nfe) in nonfinite for s in samplers])
+            result = _column_best(ranked, low[nfe], high[nfe], lower)
             if result is not None:
                 best[nfe], ties[nfe] = result
                 extra = _paired_ties(paired, str(model), str(metric), float(guidance), nfe, best[nfe])
-                ties[nfe] = frozenset(ties[nfe] | (extra & set(values[nfe].dropna().index)))
+                ties[nfe] = frozenset(ties[nfe] | (extra & set(ranked.dropna().index)))
         key = (str(model), str(metric), float(guidance))
-        boards[key] = Leaderboard(*key, values=values, ci_low=low, ci_high=high, best=best, ties=ties)
+        boards[key] = Leaderboard(
+            *key, values=values, ci_low=low, ci_high=high, best=best, ties=ties, nonfinite=nonfinite
+        )
     return boards
+
+
+def _nonfinite_shares(df: pd.DataFrame) -> dict[tuple[Any, ...], float]:
+    """(model, sampler, nfe, guidance) -> share of non-finite samples, for the cells that had any."""
+    cells = nonfinite_cells(df)
+    return {
+        (r.model, r.sampler, _scalar(r.nfe), float(r.guidance)): r.n_nonfinite / max(r.n_samples, 1)
+        for r in cells.itertuples(index=False)
+    }
 
 
 def _fmt(x: float) -> str:
@@ -156,14 +193,28 @@ def _fmt(x: float) -> str:
 
 
 def _cell_text(board: Leaderboard, sampler: str, nfe: Any) -> str | None:
-    """'value [low, high]' or None when the sampler was not run at this NFE."""
+    """'value [low, high]' (with a mark when some samples were non-finite), 'non-finite' when none
+    could be scored, or None when the sampler was not run at this NFE."""
     value = board.values.at[sampler, nfe]
+    excluded = (sampler, nfe) in board.nonfinite
     if math.isnan(value):
-        return None
+        return NONFINITE_TEXT if excluded else None
+    mark = f" {PARTIAL_MARK}" if excluded else ""
     low, high = board.ci_low.at[sampler, nfe], board.ci_high.at[sampler, nfe]
     if math.isnan(low) and math.isnan(high):
-        return _fmt(value)
-    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+        return _fmt(value) + mark
+    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]{mark}"
+
+
+def _nonfinite_legend(board: Leaderboard) -> str:
+    """Explains the marks this board uses ('' when it has no cells with non-finite samples)."""
+    nan = [math.isnan(board.values.at[s, n]) for s, n in board.nonfinite]
+    parts = ([PARTIAL_LEGEND] if not all(nan) else []) + ([NONFINITE_LEGEND] if any(nan) else [])
+    return " ".join(parts)
+
+
+def _legend(board: Leaderboard) -> str:
+    return f"{LEGEND} {_nonfinite_legend(board)}" if board.nonfinite else LEGEND
 
 
 def _boards(boards: Mapping[Any, Leaderboard] | Iterable[Leaderboard]) -> list[Leaderboard]:
@@ -199,18 +250,19 @@ def render_markdown(boards: Mapping[Any, Leaderboard] | Iterable[Leaderboard]) -
                 else:
                     cells.append(text)
             lines.append(f"| {_md_escape(sampler)} | " + " | ".join(cells) + " |")
-        lines += ["", LEGEND, ""]
+        lines += ["", _legend(board), ""]
         parts.append("\n".join(lines))
     return "\n".join(parts)
 
 
 def rich_table(board: Leaderboard) -> Table:
     """One board as a rich Table; Text cells, so brackets in values or names are never read as markup."""
-    table = Table(
-        title=board.heading,
-        caption="value [95% CI]; best in bold green; ≈ = tied with the best (CI overlap or paired test); "
-        "— = not run",
+    caption = (
+        "value [95% CI]; best in bold green; ≈ = tied with the best (CI overlap or paired test); — = not run"
     )
+    if board.nonfinite:
+        caption += f"; {_nonfinite_legend(board)}"
+    table = Table(title=board.heading, caption=caption)
     table.add_column("sampler", style="cyan", no_wrap=True)
     nfes = list(board.values.columns)
     for nfe in nfes:
@@ -221,6 +273,8 @@ def rich_table(board: Leaderboard) -> Table:
             text = _cell_text(board, sampler, nfe)
             if text is None:
                 row.append(Text(MISSING, style="dim"))
+            elif (sampler, nfe) in board.nonfinite:
+                row.append(Text(text, style="yellow"))
             elif board.best.get(nfe) == sampler:
                 row.append(Text(text, style="bold green"))
             elif sampler in board.ties.get(nfe, ()):
@@ -253,6 +307,8 @@ def render_html(boards: Mapping[Any, Leaderboard] | Iterable[Leaderboard]) -> st
                 text = _cell_text(board, sampler, nfe)
                 if text is None:
                     cells.append(f'<td class="missing">{MISSING}</td>')
+                elif (sampler, nfe) in board.nonfinite:
+                    cells.append(f'<td class="nonfinite">{html.escape(text)}</td>')
                 elif board.best.get(nfe) == sampler:
                     cells.append(f'<td class="best"><strong>{html.escape(text)}</strong></td>')
                 elif sampler in board.ties.get(nfe, ()):
@@ -264,7 +320,7 @@ def render_html(boards: Mapping[Any, Leaderboard] | Iterable[Leaderboard]) -> st
             f"<h3>{html.escape(board.heading)}</h3>\n"
             f'<table class="leaderboard"><thead><tr><th>sampler</th>{head}'
             f'</tr></thead><tbody>{"".join(body)}</tbody></table>\n<p class="legend">'
-            f"{html.escape(LEGEND.replace('**', ''))}</p>"
+            f"{html.escape(_legend(board).replace('**', ''))}</p>"
         )
     return "\n".join(parts)
 
@@ -276,7 +332,8 @@ def leaderboard_csv(boards: Mapping[Any, Leaderboard] | Iterable[Leaderboard]) -
         for sampler in board.values.index:
             for nfe in board.values.columns:
                 value = board.values.at[sampler, nfe]
-                if math.isnan(value):
+                share = board.nonfinite.get((sampler, nfe), 0.0)
+                if math.isnan(value) and not share:
                     continue
                 rows.append(
                     {
@@ -290,6 +347,7 @@ def leaderboard_csv(boards: Mapping[Any, Leaderboard] | Iterable[Leaderboard]) -
                         "ci_high": board.ci_high.at[sampler, nfe],
                         "best": board.best.get(nfe) == sampler,
                         "tied": sampler in board.ties.get(nfe, ()),
+                        "nonfinite_frac": share,
                     }
                 )
     return pd.DataFrame(rows)
@@ -303,7 +361,12 @@ def best_per_budget(df: pd.DataFrame) -> pd.DataFrame:
     """
     require_columns(df, LEADERBOARD_COLUMNS)
     rows = []
-    for (model, metric, guidance), group in df.groupby(["model", "metric", "guidance"], sort=True):
+    bad = set(_nonfinite_shares(df))
+    ranked = quality_rows(df).dropna(subset=["value"])
+    if bad and not ranked.empty:  # as on the leaderboard: cells with non-finite samples are not ranked
+        keys = zip(*(ranked[c] for c in CELL_COLUMNS), strict=True)
+        ranked = ranked[[(m, s, _scalar(n), float(g)) not in bad for m, s, n, g in keys]]
+    for (model, metric, guidance), group in ranked.groupby(["model", "metric", "guidance"], sort=True):
         lower = lower_is_better(str(metric))
         for nfe, col in group.groupby("nfe", sort=True):
             best = col.loc[col["value"].idxmin() if lower else col["value"].idxmax()]
@@ -342,7 +405,8 @@ def best_per_budget(df: pd.DataFrame) -> pd.DataFrame:
                         "value": best.value,
                     }
                 )
-    return pd.DataFrame(rows)
+    columns = ["model", "metric", "guidance", "budget", "limit", "sampler", "nfe", "sec_per_image", "value"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def best_per_budget_markdown(best: pd.DataFrame) -> str:
@@ -360,3 +424,60 @@ def best_per_budget_markdown(best: pd.DataFrame) -> str:
             lines.append(f"| {limit} | {r.sampler} | {r.nfe} | {r.sec_per_image:.3g} | {_fmt(r.value)} |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+NONFINITE_TITLE = "Cells with non-finite samples (excluded from their metrics and from every ranking)"
+
+
+def _nonfinite_rows(cells: pd.DataFrame) -> list[tuple[str, str, str, str, str, str]]:
+    """(model, sampler, NFE, guidance, 'k of n', what happened) per cell of nonfinite_cells()."""
+    rows = []
+    for r in cells.sort_values(list(CELL_COLUMNS)).itertuples(index=False):
+        what = f"metrics over the {r.n_finite} finite samples" if r.scored else "no metrics"
+        count = f"{r.n_nonfinite} of {r.n_samples}"
+        rows.append((str(r.model), str(r.sampler), str(r.nfe), f"{r.guidance:g}", count, what))
+    return rows
+
+
+_NONFINITE_HEAD = ("model", "sampler", "NFE", "guidance", "non-finite samples", "result")
+
+
+def nonfinite_markdown(cells: pd.DataFrame) -> str:
+    """A markdown section listing the cells with non-finite samples ('' when there are none)."""
+    if cells.empty:
+        return ""
+    lines = [
+        f"### {NONFINITE_TITLE}",
+        "",
+        "| " + " | ".join(_NONFINITE_HEAD) + " |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in _nonfinite_rows(cells)]
+    return "\n".join(lines) + "\n"
+
+
+def nonfinite_rich(cells: pd.DataFrame) -> Table:
+    """The same list as a rich Table, in yellow, for the terminal."""
+    table = Table(title=NONFINITE_TITLE, title_style="bold yellow")
+    for col in _NONFINITE_HEAD:
+        table.add_column(col, justify="right" if col in ("NFE", "guidance", "non-finite samples") else "left")
+    for row in _nonfinite_rows(cells):
+        table.add_row(*(Text(v) for v in row))
+    return table
+
+
+def nonfinite_html(cells: pd.DataFrame) -> str:
+    """The same list as an HTML table for the report page ('' when there are none)."""
+    import html
+
+    if cells.empty:
+        return ""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in _NONFINITE_HEAD)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>"
+        for row in _nonfinite_rows(cells)
+    )
+    return (
+        f'<h3 id="nonfinite">{html.escape(NONFINITE_TITLE)}</h3>'
+        f'<table class="leaderboard"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    )

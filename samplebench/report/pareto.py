@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
 
-from samplebench.report import lower_is_better, require_columns
+from samplebench.report import CELL_COLUMNS, lower_is_better, nonfinite_cells, require_columns
 
 PLOT_COLUMNS: tuple[str, ...] = (
     "model",
@@ -104,7 +104,12 @@ def _draw_facet(
         )
     xs = facet[x_col].to_numpy(float)
     ys = facet["value"].to_numpy(float)
-    front = pareto_front(list(zip(xs, ys if lower else -ys, strict=True)))
+    # Cells with non-finite samples are scored on the survivors only: drawn, crossed, never on the front.
+    partial = facet["nonfinite"].to_numpy(bool) if "nonfinite" in facet else np.zeros(len(facet), bool)
+    if partial.any():
+        ax.scatter(xs[partial], ys[partial], s=70, marker="x", color="firebrick", linewidths=1.5, zorder=6)
+    ranked = np.where(partial, np.nan, ys if lower else -ys)
+    front = pareto_front(list(zip(xs, ranked, strict=True)))
     if front:
         idx = sorted(front, key=lambda i: (xs[i], ys[i]))
         ax.step(xs[idx], ys[idx], where="post", color="black", linestyle="--", linewidth=1.2, zorder=4)
@@ -128,8 +133,10 @@ def _plot_one(df: pd.DataFrame, metric: str, suffix: str, out_dir: Path) -> Path
     """One figure: rows = models, columns = guidance values."""
     x_col, x_label = X_AXES[suffix]
     lower = lower_is_better(metric)
-    # Log axes cannot show x <= 0 (e.g. an unmeasured time); drop those points rather than crash.
-    data = df[np.isfinite(df[x_col].astype(float)) & (df[x_col].astype(float) > 0)]
+    # Log axes cannot show x <= 0 (e.g. an unmeasured time); drop those points rather than crash. A cell
+    # without a value (every sample non-finite) has no point either.
+    x = df[x_col].astype(float)
+    data = df[np.isfinite(x) & (x > 0) & np.isfinite(df["value"].astype(float))]
     models = sorted(df["model"].astype(str).unique())
     guidances = sorted(df["guidance"].astype(float).unique())
     samplers = sorted(df["sampler"].astype(str).unique())
@@ -167,6 +174,18 @@ def _plot_one(df: pd.DataFrame, metric: str, suffix: str, out_dir: Path) -> Path
             label="Pareto front",
         )
     )
+    if "nonfinite" in data and data["nonfinite"].any():
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="firebrick",
+                linestyle="none",
+                marker="x",
+                markersize=8,
+                label="some samples non-finite\n(not ranked)",
+            )
+        )
     fig.suptitle(f"{metric} vs {'NFE' if suffix == 'nfe' else 'time'} (error bars: 95% CI)")
     fig.tight_layout()
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
@@ -194,6 +213,10 @@ def plot_metric(df: pd.DataFrame, metric: str, out_dir: Path) -> list[Path]:
     if rows.empty:
         available = ", ".join(sorted(df["metric"].astype(str).unique()))
         raise ValueError(f"no rows for metric {metric!r} (available: {available})")
+    bad = {tuple(k) for k in nonfinite_cells(df)[list(CELL_COLUMNS)].itertuples(index=False)}
+    if "nfe" in rows and bad:
+        keys = zip(*(rows[c] for c in CELL_COLUMNS), strict=True)
+        rows = rows.assign(nonfinite=[(m, s, n, g) in bad for m, s, n, g in keys])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return [_plot_one(rows, metric, suffix, out_dir) for suffix in X_AXES]

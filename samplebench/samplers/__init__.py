@@ -1,178 +1,300 @@
-"""The sampler registry: one entry per sampler, diffusers-backed or native.
+"""The sampler registry: native samplers (pure functions over our denoiser, one module per family)
+and the diffusers family (`diffusers:<name>`, one adapter over diffusers' schedulers).
 
-A sampler's tunable options live in conf/sampler/<name>.yaml (Hydra keys under `sampler.`);
-what makes it *that* algorithm (for example DPM-Solver++'s algorithm_type) is fixed here.
+A sampler's tunable options live in conf/sampler/<name>.yaml (Hydra keys under `sampler.`); what
+makes it *that* algorithm (for example DPM-Solver++'s order 2) is fixed here. Adding a sampler is
+one function, one line below and one conf file (README, "Adding a sampler").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
+
+import torch
 
 from samplebench.errors import UsageError
 from samplebench.samplers.base import NfeRule, SamplerSpec
-from samplebench.samplers.diffusers_loop import run_scheduler
+from samplebench.samplers.deis import sample_deis
+from samplebench.samplers.diffusers_loop import diffusers_nfe_rule, run_scheduler
+from samplebench.samplers.dpm_solver import (
+    sample_dpm_multistep,
+    sample_dpm_singlestep,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_2s,
+    sample_dpmpp_multistep,
+)
+from samplebench.samplers.euler import (
+    sample_ddim,
+    sample_dpm2,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+)
 from samplebench.samplers.ipndm import sample_ipndm
+from samplebench.samplers.unipc import sample_unipc
+from samplebench.schedules import Grid
 
 ONE = NfeRule(1, 0)
-HEUN = NfeRule(2, -1)  # a second evaluation on every step but the last
-PLMS = NfeRule(1, 1)  # one extra evaluation in the first (second-order) step
+TWO_BUT_LAST = NfeRule(2, -1)  # a second evaluation on every step but the last (to 0)
 
 
-def _diffusers(
-    class_name: str,
-    subschedule: bool = False,
-    step_options: tuple[str, ...] = (),
-    denoise_to_zero: bool = False,
-    **fixed,
-):
-    return partial(
-        run_scheduler,
-        class_name=class_name,
-        fixed=fixed,
-        step_options=step_options,
-        subschedule=subschedule,
-        denoise_to_zero=denoise_to_zero,
+def native(fn: Callable[..., torch.Tensor], **fixed: Any) -> Callable[..., torch.Tensor]:
+    """Registry adapter for `fn(denoise, x, sigmas, generators, **options)`."""
+
+    def run(denoise, x: torch.Tensor, grid: Grid, options: dict[str, Any], generators) -> torch.Tensor:
+        return fn(denoise, x, grid.sigmas, generators, **{**options, **fixed})
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    return run
+
+
+def _single_rule(options: dict[str, Any], schedule: dict[str, Any]) -> NfeRule:
+    order = int(options.get("order", 3))
+    return NfeRule(order, -(order - 1))  # `order` evaluations per step, one on the last step to 0
+
+
+SOLVER_TYPE = {"solver_type": ("midpoint", "heun")}
+CHOICES = {
+    "lms": {"order": (1, 2, 3, 4)},
+    "ipndm": {"order": (1, 2, 3, 4)},
+    "dpm": {"order": (1, 2, 3), **SOLVER_TYPE},
+    "dpm_single": {"order": (2, 3)},
+    "dpmpp": SOLVER_TYPE,
+    "dpmpp_3m": SOLVER_TYPE,
+    "dpmpp_sde": SOLVER_TYPE,
+    "unipc": {"order": (1, 2, 3), "variant": ("bh1", "bh2")},
+    "deis": {"order": (1, 2, 3)},
+}
+
+
+def _n(name, title, kind, rule, fn, source, repeats=False, **fixed) -> SamplerSpec:
+    return SamplerSpec(
+        name,
+        title,
+        kind,
+        rule,
+        native(fn, **fixed),
+        source,
+        repeats_levels=repeats,
+        choices=CHOICES.get(name, {}),
     )
 
 
-def _spec(name, title, kind, rule, run, source, step_options=()):
-    return SamplerSpec(name, title, kind, rule, run, source, tuple(step_options))
+NATIVE = [
+    _n("ddim", "DDIM", "ode", ONE, sample_ddim, "Song et al. 2021, arXiv:2010.02502, eq. 12 (eta)"),
+    _n(
+        "euler",
+        "Euler",
+        "ode",
+        ONE,
+        sample_euler,
+        "Karras et al. 2022, arXiv:2206.00364; k-diffusion sample_euler",
+    ),
+    _n(
+        "euler_a", "Euler ancestral", "sde", ONE, sample_euler_ancestral, "k-diffusion sample_euler_ancestral"
+    ),
+    _n("heun", "Heun (EDM)", "ode", TWO_BUT_LAST, sample_heun, "Karras et al. 2022, Alg. 1", repeats=True),
+    _n("dpm2", "DPM2", "ode", TWO_BUT_LAST, sample_dpm2, "k-diffusion sample_dpm_2 (DPM-Solver-2, r1=1/2)"),
+    _n("lms", "LMS", "ode", ONE, sample_lms, "k-diffusion sample_lms (linear multistep in sigma)"),
+    _n(
+        "dpm",
+        "DPM-Solver (multistep, noise prediction)",
+        "ode",
+        ONE,
+        sample_dpm_multistep,
+        "Lu et al. 2022, arXiv:2206.00927",
+    ),
+    _n(
+        "dpm_single",
+        "DPM-Solver (singlestep)",
+        "ode",
+        _single_rule,
+        sample_dpm_singlestep,
+        "Lu et al. 2022, arXiv:2206.00927, Alg. 1-2",
+    ),
+    _n(
+        "dpmpp",
+        "DPM-Solver++(2M)",
+        "ode",
+        ONE,
+        sample_dpmpp_multistep,
+        "Lu et al. 2022, arXiv:2211.01095, Alg. 2",
+        order=2,
+    ),
+    _n(
+        "dpmpp_3m",
+        "DPM-Solver++(3M)",
+        "ode",
+        ONE,
+        sample_dpmpp_multistep,
+        "Lu et al. 2022, arXiv:2211.01095",
+        order=3,
+    ),
+    _n(
+        "dpmpp_2s",
+        "DPM-Solver++(2S)",
+        "ode",
+        TWO_BUT_LAST,
+        sample_dpmpp_2s,
+        "Lu et al. 2022, arXiv:2211.01095, Alg. 1",
+    ),
+    _n(
+        "dpmpp_sde",
+        "DPM-Solver++(2M) SDE",
+        "sde",
+        ONE,
+        sample_dpmpp_2m_sde,
+        "k-diffusion sample_dpmpp_2m_sde",
+    ),
+    _n("unipc", "UniPC", "ode", ONE, sample_unipc, "Zhao et al. 2023, arXiv:2302.04867"),
+    _n("ipndm", "iPNDM", "ode", ONE, sample_ipndm, "Zhang & Chen 2023, arXiv:2204.13902, iPNDM"),
+    _n("deis", "DEIS (rho-AB)", "ode", ONE, sample_deis, "Zhang & Chen 2023, arXiv:2204.13902"),
+]
 
 
-SAMPLERS: dict[str, SamplerSpec] = {
-    s.name: s
-    for s in [
-        _spec(
-            "ddim",
-            "DDIM",
-            "ode",
-            ONE,
-            _diffusers("DDIMScheduler", True, ("eta",)),
-            "Song et al. 2021, arXiv:2010.02502",
-            ("eta",),
-        ),
-        _spec(
-            "ddpm",
-            "DDPM ancestral",
-            "sde",
-            ONE,
-            _diffusers("DDPMScheduler"),
-            "Ho et al. 2020, arXiv:2006.11239",
-        ),
-        _spec(
-            "pndm",
-            "PNDM (PLMS)",
-            "ode",
-            PLMS,
-            _diffusers("PNDMScheduler", True, skip_prk_steps=True),
-            "Liu et al. 2022, arXiv:2202.09778",
-        ),
-        _spec(
-            "euler",
-            "Euler",
-            "ode",
-            ONE,
-            _diffusers("EulerDiscreteScheduler"),
-            "Karras et al. 2022, arXiv:2206.00364, Alg. 1 without the Heun correction",
-        ),
-        _spec(
-            "euler_a",
-            "Euler ancestral",
-            "sde",
-            ONE,
-            _diffusers("EulerAncestralDiscreteScheduler"),
-            "k-diffusion sample_euler_ancestral",
-        ),
-        _spec(
-            "heun",
-            "Heun",
-            "ode",
-            HEUN,
-            _diffusers("HeunDiscreteScheduler"),
-            "Karras et al. 2022, arXiv:2206.00364, Alg. 1",
-        ),
-        _spec(
-            "dpm2",
-            "DPM2",
-            "ode",
-            HEUN,
-            _diffusers("KDPM2DiscreteScheduler"),
-            "k-diffusion sample_dpm_2 (DPM-Solver-2 in sigma)",
-        ),
-        _spec(
-            "lms",
-            "LMS",
-            "ode",
-            ONE,
-            _diffusers("LMSDiscreteScheduler", step_options=("order",)),
-            "k-diffusion sample_lms (linear multistep)",
-            ("order",),
-        ),
-        _spec(
-            "deis",
-            "DEIS (tAB)",
-            "ode",
-            PLMS,
-            _diffusers("DEISMultistepScheduler", denoise_to_zero=True),
-            "Zhang & Chen 2023, arXiv:2204.13902; diffusers stops at the last noise level, "
-            "so one more evaluation denoises to zero",
-        ),
-        _spec(
-            "dpm",
-            "DPM-Solver (multistep, noise prediction)",
-            "ode",
-            PLMS,
-            _diffusers(
-                "DPMSolverMultistepScheduler",
-                algorithm_type="dpmsolver",
-                final_sigmas_type="sigma_min",
-                denoise_to_zero=True,
-            ),
-            "Lu et al. 2022, arXiv:2206.00927; denoise_to_zero as in its reference code",
-        ),
-        _spec(
-            "dpmpp",
-            "DPM-Solver++(2M)",
-            "ode",
-            ONE,
-            _diffusers("DPMSolverMultistepScheduler", algorithm_type="dpmsolver++"),
-            "Lu et al. 2022, arXiv:2211.01095",
-        ),
-        _spec(
-            "dpmpp_3m",
-            "DPM-Solver++(3M)",
-            "ode",
-            ONE,
-            _diffusers("DPMSolverMultistepScheduler", algorithm_type="dpmsolver++"),
-            "Lu et al. 2022, arXiv:2211.01095",
-        ),
-        _spec(
-            "dpmpp_2s",
-            "DPM-Solver++(2S)",
-            "ode",
-            ONE,
-            _diffusers("DPMSolverSinglestepScheduler", algorithm_type="dpmsolver++"),
-            "Lu et al. 2022, arXiv:2211.01095 (singlestep)",
-        ),
-        _spec(
-            "dpmpp_sde",
-            "DPM-Solver++(2M) SDE",
-            "sde",
-            ONE,
-            _diffusers("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++"),
-            "Lu et al. 2022, arXiv:2211.01095 (SDE variant)",
-        ),
-        _spec(
-            "unipc",
-            "UniPC (bh2)",
-            "ode",
-            ONE,
-            _diffusers("UniPCMultistepScheduler"),
-            "Zhao et al. 2023, arXiv:2302.04867",
-        ),
-        _spec("ipndm", "iPNDM", "ode", ONE, sample_ipndm, "Zhang & Chen 2023, arXiv:2204.13902, iPNDM"),
+def _d(
+    name: str,
+    title: str,
+    kind: str,
+    class_name: str,
+    source: str,
+    per_step: int = 1,
+    offset: int = 0,
+    subschedule: bool = False,
+    step_options: tuple[str, ...] = (),
+    repeats: bool = False,
+    **fixed: Any,
+) -> SamplerSpec:
+    run = partial(
+        run_scheduler, class_name=class_name, fixed=fixed, step_options=step_options, subschedule=subschedule
+    )
+    rule = diffusers_nfe_rule(class_name, per_step, offset, subschedule, fixed, step_options)
+    return SamplerSpec(
+        f"diffusers:{name}",
+        f"{title} (diffusers {class_name})",
+        kind,
+        rule,
+        run,
+        source,
+        family="diffusers",
+        grids=_grids(class_name, subschedule),
+        repeats_levels=repeats,
+        step_options=step_options,
+    )
+
+
+def _grids(class_name: str, subschedule: bool) -> str:
+    """Which schedules a diffusers scheduler can run (see diffusers_loop.schedule_arguments)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    init = set(inspect.signature(cls.__init__).parameters)
+    setter = set(inspect.signature(cls.set_timesteps).parameters)
+    if subschedule or "timesteps" in setter or ("sigmas" in setter and "use_flow_sigmas" not in init):
+        return "any" + (" (integer timesteps)" if "sigmas" not in setter or "use_flow_sigmas" in init else "")
+    names = [n for n in ("linspace", "leading", "trailing") if "timestep_spacing" in init]
+    names += [
+        n
+        for n, f in (
+            ("karras", "use_karras_sigmas"),
+            ("logsnr", "use_exponential_sigmas"),
+            ("exponential", "use_exponential_sigmas"),
+        )
+        if f in init
     ]
-}
+    return ",".join(names)
+
+
+DIFFUSERS = [
+    _d("ddim", "DDIM", "ode", "DDIMScheduler", "Song et al. 2021", subschedule=True, step_options=("eta",)),
+    _d("ddpm", "DDPM ancestral", "sde", "DDPMScheduler", "Ho et al. 2020, arXiv:2006.11239"),
+    _d(
+        "pndm",
+        "PNDM (PLMS)",
+        "ode",
+        "PNDMScheduler",
+        "Liu et al. 2022, arXiv:2202.09778",
+        offset=1,
+        subschedule=True,
+        repeats=True,
+        skip_prk_steps=True,
+    ),
+    _d("euler", "Euler", "ode", "EulerDiscreteScheduler", "Karras et al. 2022"),
+    _d(
+        "euler_a",
+        "Euler ancestral",
+        "sde",
+        "EulerAncestralDiscreteScheduler",
+        "k-diffusion sample_euler_ancestral",
+    ),
+    _d(
+        "heun",
+        "Heun",
+        "ode",
+        "HeunDiscreteScheduler",
+        "Karras et al. 2022, Alg. 1",
+        per_step=2,
+        offset=-1,
+        repeats=True,
+    ),
+    _d("dpm2", "DPM2", "ode", "KDPM2DiscreteScheduler", "k-diffusion sample_dpm_2", per_step=2, offset=-1),
+    _d("lms", "LMS", "ode", "LMSDiscreteScheduler", "k-diffusion sample_lms", step_options=("order",)),
+    _d("deis", "DEIS", "ode", "DEISMultistepScheduler", "Zhang & Chen 2023"),
+    _d(
+        "dpm",
+        "DPM-Solver (multistep, noise prediction)",
+        "ode",
+        "DPMSolverMultistepScheduler",
+        "Lu et al. 2022",
+        algorithm_type="dpmsolver",
+        final_sigmas_type="sigma_min",
+    ),
+    _d(
+        "dpmpp",
+        "DPM-Solver++(2M)",
+        "ode",
+        "DPMSolverMultistepScheduler",
+        "Lu et al. 2022",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+    ),
+    _d(
+        "dpmpp_3m",
+        "DPM-Solver++(3M)",
+        "ode",
+        "DPMSolverMultistepScheduler",
+        "Lu et al. 2022",
+        algorithm_type="dpmsolver++",
+        solver_order=3,
+    ),
+    _d(
+        "dpmpp_2s",
+        "DPM-Solver++ singlestep",
+        "ode",
+        "DPMSolverSinglestepScheduler",
+        "Lu et al. 2022",
+        algorithm_type="dpmsolver++",
+    ),
+    _d(
+        "dpmpp_sde",
+        "DPM-Solver++(2M) SDE",
+        "sde",
+        "DPMSolverMultistepScheduler",
+        "Lu et al. 2022",
+        algorithm_type="sde-dpmsolver++",
+    ),
+    _d("unipc", "UniPC", "ode", "UniPCMultistepScheduler", "Zhao et al. 2023"),
+    _d("sa_solver", "SA-Solver", "sde", "SASolverScheduler", "Xue et al. 2023, arXiv:2309.05019"),
+    _d("tcd", "TCD", "sde", "TCDScheduler", "Zheng et al. 2024, arXiv:2402.19159"),
+    _d("lcm", "LCM", "sde", "LCMScheduler", "Luo et al. 2023, arXiv:2310.04378"),
+]
+
+SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in NATIVE + DIFFUSERS}
 
 
 def get_sampler(name: str) -> SamplerSpec:

@@ -11,8 +11,9 @@ import torch
 
 from samplebench.errors import UsageError
 
-# A denoiser maps (x_t in VP scale, scheduler timestep, solver sigma) to the model's native prediction.
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A denoiser maps (x = x_0 + sigma n, sigma) to D(x; sigma) = E[x_0 | x] (EDM's parametrisation);
+# sigma is a scalar or one entry per sample.
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -48,52 +49,79 @@ class NfeRule:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A registered sampler. `run(denoise, x_T, steps, options, generators, schedule) -> x_0`."""
+    """A registered sampler: `run(denoise, x, grid, options, generators) -> x_0`.
+
+    x is the start at grid.sigmas[0] (already scaled, x = x_T sqrt(1 + sigma_0^2)); options are the
+    keys of conf/sampler/<name>.yaml. `grids` names the schedules it takes ("any" for every
+    schedule); `repeats_levels` says the algorithm evaluates one level twice (Heun's corrector)."""
 
     name: str
     title: str
     kind: str  # "ode" (deterministic, converges to the probability-flow ODE solution) or "sde"
-    nfe_rule: NfeRule
+    nfe_rule: NfeRule | Callable[[dict[str, Any], dict[str, Any]], NfeRule]
     run: Callable[..., torch.Tensor]
     source: str
+    family: str = "native"  # or "diffusers"
+    grids: str = "any"
+    repeats_levels: bool = False
     step_options: tuple[str, ...] = field(default=())
+    choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def check(self, options: dict[str, Any]) -> None:
+        """A one-line error for an option value the sampler does not take."""
+        for key, valid in self.choices.items():
+            if key in options and options[key] not in valid:
+                raise UsageError(
+                    f"sampler.{key}={options[key]} is not valid for sampler={self.name}; "
+                    f"choose one of {', '.join(map(str, valid))}"
+                )
+
+    def rule(self, options: dict[str, Any], schedule: dict[str, Any]) -> NfeRule:
+        """The NFE rule for these options and this schedule (most samplers: a constant)."""
+        return self.nfe_rule if isinstance(self.nfe_rule, NfeRule) else self.nfe_rule(options, schedule)
 
 
 class CountingDenoiser:
     """Counts model evaluations per sample and the time spent in them.
 
     It wraps the guided denoiser, so a classifier-free-guidance step that batches the conditional
-    and unconditional passes counts once (the DPM-Solver papers' convention).
+    and unconditional passes counts once (the DPM-Solver papers' convention). With record=True it
+    keeps each call's (x, sigma) for the registry-wide contract tests.
     """
 
-    def __init__(self, inner: Denoiser, synchronize: Callable[[], None] = lambda: None):
+    def __init__(self, inner: Denoiser, synchronize: Callable[[], None] = lambda: None, record: bool = False):
         self.inner = inner
         self.calls = 0
         self.seconds = 0.0
         self._sync = synchronize
+        self.record = record
+        self.visits: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        out = self.inner(x, t, sigma)
+        out = self.inner(x, sigma)
         self._sync()
         self.seconds += time.perf_counter() - start
         self.calls += 1
+        if self.record:
+            self.visits.append((x.detach().clone(), torch.as_tensor(sigma).detach().double().clone()))
         return out
 
 
 def guided_denoiser(model: Any, cond: Any, guidance: float) -> Denoiser:
-    """The model under classifier-free guidance: u + w (c - u) in one batched call; w == 1 is one pass."""
+    """The model's D under classifier-free guidance, D_u + w (D_c - D_u), in one batched call (w == 1:
+    one pass). Guiding D is guiding eps: D = x - sigma eps is affine in eps at fixed x and sigma."""
 
-    def conditional(x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return model.predict(x, t, _per_sample(sigma, x), cond)
+    def conditional(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return model.denoise(x, _per_sample(sigma, x), cond)
 
     if guidance == 1.0:
         return conditional
     both = model.cat_conditions(model.null_condition(cond), cond)
 
-    def guided(x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x2 = torch.cat([x, x])
-        uncond, cond_out = model.predict(x2, t, _per_sample(sigma, x2), both).chunk(2)
+        uncond, cond_out = model.denoise(x2, _per_sample(sigma, x2), both).chunk(2)
         return uncond + guidance * (cond_out - uncond)
 
     return guided
@@ -104,16 +132,10 @@ def _per_sample(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1).expand(x.shape[0])
 
 
-def to_epsilon(
-    pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """Convert a native prediction at VP input x and VE noise level sigma to a noise prediction."""
-    if prediction_type == "epsilon":
-        return pred
-    alpha = (1 + sigma**2) ** -0.5
-    s = sigma * alpha
-    if prediction_type == "v_prediction":  # v = alpha * eps - s * x0, x = alpha * x0 + s * eps
-        return alpha * pred + s * x
-    if prediction_type == "sample":
-        return (x - alpha * pred) / s
-    raise ValueError(f"unknown prediction type {prediction_type}")
+def noise_like(x: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, one row per sample from that sample's generator (drawn in
+    float64 on the CPU, so results do not depend on batch size or device)."""
+    if generators is None:
+        raise ValueError("a stochastic sampler needs per-sample generators")
+    rows = [torch.randn(x.shape[1:], generator=g, dtype=torch.float64) for g in generators]
+    return torch.stack(rows).to(device=x.device, dtype=x.dtype)

@@ -1,134 +1,270 @@
-"""One loop that drives any diffusers scheduler, with two fixes that make its solutions exact.
+"""The diffusers family: one adapter that drives any diffusers scheduler from our denoiser D.
 
-1. The model is told the noise level the scheduler's update assumes (`solver_sigma`). diffusers
-   passes Karras-spaced solvers a rounded timestep while stepping with the unrounded sigma, and
-   interpolates fractional timesteps linearly in sigma; an exact model evaluated at the wrong
-   sigma would hide a floor in the error.
-2. DDIM and PNDM step from t to t - T // N whatever timesteps they were given, so when N does not
-   divide T their updates disagree with the timesteps they visit. We build them on the visited
-   sub-schedule instead (`_visited_subschedule`): a scheduler whose training schedule *is* the N
-   visited noise levels, stepping by one index, so every update uses the levels it visits.
+What users run in diffusers can be benchmarked and checked against the native samplers. The
+adapter fixes what would otherwise hide errors or waste evaluations:
+
+1. Start: x_T is unit-variance noise, so a sigma-scaled scheduler starts at x_T sqrt(1 + sigma_0^2)
+   (not x_T * init_noise_sigma = x_T sigma_0) and an alpha-scaled one at x_T.
+2. The model is told the noise level the scheduler's update assumes (`solver_sigma`): diffusers
+   passes Karras-spaced solvers a rounded timestep while stepping with the unrounded sigma.
+3. DDIM and PNDM step from t to t - T // N whatever timesteps they were given, so they are built on
+   the visited sub-schedule (`_visited_subschedule`): a scheduler whose training schedule *is* the
+   N visited levels, stepping by one index.
+4. A scheduler whose level list ends with a step of length zero (DPMSolverMultistep's
+   final_sigmas_type='sigma_min' after a list that already ends at sigma_min) is not asked to take
+   it: that evaluation denoises to 0 instead. One that stops at a positive level spends one more
+   evaluation denoising to 0 (as the DPM-Solver reference code's denoise_to_zero).
+
+Schedules: karras -> use_karras_sigmas, logsnr/exponential -> use_exponential_sigmas, linspace /
+leading / trailing -> timestep_spacing (diffusers' own definition, which differs between
+schedulers); any other schedule goes in as set_timesteps(sigmas=) or, rounded to integer training
+timesteps, set_timesteps(timesteps=) where the scheduler accepts them, else it is a one-line error.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import diffusers
 import numpy as np
 import torch
 
-from samplebench.samplers.base import Denoiser, to_epsilon
+from samplebench.errors import UsageError
+from samplebench.models.base import NoiseSchedule
+from samplebench.samplers.base import Denoiser, NfeRule
+from samplebench.schedules import Grid
+
+SPACINGS = ("linspace", "leading", "trailing")
+SCHEDULE_FLAGS = {
+    "karras": "use_karras_sigmas",
+    "logsnr": "use_exponential_sigmas",
+    "exponential": "use_exponential_sigmas",
+}
+_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 
 
-def make_scheduler(class_name: str, schedule: dict[str, Any], kwargs: dict[str, Any]) -> Any:
-    """A diffusers scheduler built from the model's training schedule and the sampler's options."""
+def training_config(noise: NoiseSchedule) -> dict[str, Any]:
+    """diffusers' constructor arguments for the model's training levels, eps-prediction (the adapter
+    always hands the scheduler eps = (x - D) / sigma)."""
+    abar = 1.0 / (1.0 + noise.train_sigmas.double() ** 2)
+    betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    return dict(
+        num_train_timesteps=noise.num_train_timesteps,
+        trained_betas=betas.numpy(),
+        prediction_type="epsilon",
+    )
+
+
+def _accepts(cls: type, method: str) -> set[str]:
+    return set(inspect.signature(getattr(cls, method)).parameters)
+
+
+def schedule_arguments(
+    class_name: str, grid: Grid, subschedule: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(constructor arguments, set_timesteps arguments) that make `class_name` run grid.schedule."""
     cls = getattr(diffusers, class_name)
-    return cls(**{**schedule, **kwargs})
+    init, setter = _accepts(cls, "__init__"), _accepts(cls, "set_timesteps")
+    sched = grid.schedule
+    name = str(sched.get("name"))
+    off = {f: False for f in _FLAGS if f in init}
+    if subschedule:
+        return off, {}
+    extra = sorted(k for k in sched if k not in ("name", "rho", "steps_offset") and sched[k] is not None)
+    rho_ok = float(sched.get("rho", 7.0)) == 7.0
+    if name in SPACINGS and "timestep_spacing" in init and not extra:
+        offset = {"steps_offset": int(sched["steps_offset"])} if "steps_offset" in sched else {}
+        return {**off, "timestep_spacing": name, **offset}, {}
+    if name in SCHEDULE_FLAGS and SCHEDULE_FLAGS[name] in init and rho_ok and not extra:
+        return {**off, SCHEDULE_FLAGS[name]: True}, {}
+    if "sigmas" in setter and "use_flow_sigmas" not in init:
+        return off, {"sigmas": grid.sigmas.numpy().astype(np.float64).tolist()}
+    if "timesteps" in setter:
+        return off, {"timesteps": integer_timesteps(grid)}
+    takes = [n for n in SPACINGS if "timestep_spacing" in init] + [
+        n for n, f in SCHEDULE_FLAGS.items() if f in init
+    ]
+    raise UsageError(
+        f"diffusers' {class_name} cannot run schedule={name}"
+        + (" with these options" if name in SPACINGS + tuple(SCHEDULE_FLAGS) else "")
+        + f"; choose schedule={', '.join(takes) or '(none)'} for it, or use the native sampler"
+    )
 
 
-def solver_sigma(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
-    """The VE noise level the scheduler's next update assumes for the model call at timestep t."""
+def integer_timesteps(grid: Grid) -> list[int]:
+    """The grid's positive levels as integer training timesteps (rounded: diffusers' timesteps are ints)."""
+    noise = grid.noise
+    t = np.round(noise.sigma_to_t(grid.sigmas[:-1]).numpy()).astype(np.int64)
+    if len(np.unique(t)) != len(t):
+        raise UsageError(
+            f"schedule={grid.schedule.get('name')} at {grid.steps} steps rounds to repeated integer "
+            "timesteps for this diffusers scheduler; use fewer steps or the native sampler"
+        )
+    return [int(v) for v in t]
+
+
+def solver_sigma(scheduler: Any, t: torch.Tensor) -> float:
+    """The noise level the scheduler's next update assumes for the model call at timestep t."""
     if hasattr(scheduler, "sigmas") and hasattr(scheduler, "step_index"):
         i = scheduler.step_index if scheduler.step_index is not None else 0
         if getattr(scheduler, "state_in_first_order", True) is False and hasattr(
             scheduler, "sigmas_interpol"
         ):
-            return scheduler.sigmas_interpol[i].double()
-        return scheduler.sigmas[i].double()
+            return float(scheduler.sigmas_interpol[i])
+        return float(scheduler.sigmas[i])
     ac = scheduler.alphas_cumprod[int(t)].double()
-    return ((1 - ac) / ac).sqrt()
+    return float(((1 - ac) / ac).sqrt())
 
 
 class _VisitedSubschedule:
-    """Maps the timesteps of a scheduler built on a visited sub-schedule back to the real ones."""
+    """A scheduler built on the visited levels, and the real training timestep of each virtual index."""
 
     def __init__(self, scheduler: Any, real_timesteps: np.ndarray, real_alphas_cumprod: torch.Tensor):
         self.scheduler = scheduler
-        self.real = torch.as_tensor(real_timesteps)  # real timestep of virtual index j (ascending)
+        self.real = torch.as_tensor(real_timesteps)  # ascending
         self.real_alphas_cumprod = real_alphas_cumprod
 
-    def real_t(self, t: torch.Tensor) -> torch.Tensor:
-        return self.real[int(t)]
-
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        ac = self.real_alphas_cumprod[int(self.real_t(t))].double()
-        return ((1 - ac) / ac).sqrt()
+    def sigma(self, t: torch.Tensor) -> float:
+        ac = self.real_alphas_cumprod[int(self.real[int(t)])].double()
+        return float(((1 - ac) / ac).sqrt())
 
 
-def _visited_subschedule(class_name: str, schedule: dict[str, Any], kwargs: dict[str, Any], steps: int):
-    """Build `class_name` so that its own training schedule is exactly the N levels it will visit."""
-    real = make_scheduler(class_name, schedule, kwargs)
-    real.set_timesteps(steps)
-    visited = np.unique(real.timesteps.numpy())  # ascending
-    if len(visited) != steps:
-        raise ValueError(f"{class_name} visits {len(visited)} distinct timesteps for {steps} steps")
+def _visited_subschedule(class_name: str, kwargs: dict[str, Any], grid: Grid) -> _VisitedSubschedule:
+    """`class_name` built so that its own training schedule is exactly the grid's N levels, rounded
+    to integer training timesteps (diffusers' spacings are integer timesteps already)."""
+    real = getattr(diffusers, class_name)(**kwargs)
+    visited = np.asarray(sorted(integer_timesteps(grid)))
     abar = real.alphas_cumprod.double()[visited]
     betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
     virtual_kwargs = {
-        **schedule,
         **kwargs,
-        "num_train_timesteps": steps,
+        "num_train_timesteps": len(visited),
         "trained_betas": betas.numpy(),
         "timestep_spacing": "leading",
         "steps_offset": 0,
     }
-    for key in ("beta_start", "beta_end", "beta_schedule"):
-        virtual_kwargs.pop(key, None)
     virtual = getattr(diffusers, class_name)(**virtual_kwargs)
-    # The virtual schedule's alphas_cumprod is a float32 product; pin it to the real values.
-    virtual.alphas_cumprod = real.alphas_cumprod[visited].clone()
-    virtual.final_alpha_cumprod = real.final_alpha_cumprod  # the level after the last step, as configured
-    virtual.set_timesteps(steps)
+    virtual.alphas_cumprod = real.alphas_cumprod[
+        visited
+    ].clone()  # pin the float32 product to the real values
+    virtual.final_alpha_cumprod = real.final_alpha_cumprod
+    virtual.set_timesteps(len(visited))
     return _VisitedSubschedule(virtual, visited, real.alphas_cumprod)
+
+
+def build(
+    class_name: str, grid: Grid, options: dict[str, Any], fixed: dict[str, Any], subschedule: bool
+) -> tuple[Any, _VisitedSubschedule | None]:
+    """The scheduler (set to the grid's steps) and, for DDIM/PNDM, its visited-sub-schedule map."""
+    import warnings
+
+    import diffusers.utils.logging as dlog
+
+    dlog.set_verbosity_error()  # deprecation notes and "custom timesteps" advice, not results
+    ctor_sched, set_kwargs = schedule_arguments(class_name, grid, subschedule)
+    kwargs = {**training_config(grid.noise), **options, **ctor_sched, **fixed}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if subschedule:
+            mapper = _visited_subschedule(class_name, kwargs, grid)
+            return mapper.scheduler, mapper
+        scheduler = getattr(diffusers, class_name)(**kwargs)
+        if set_kwargs:
+            scheduler.set_timesteps(**set_kwargs)
+        else:
+            scheduler.set_timesteps(grid.steps)
+    return scheduler, None
+
+
+def _final_levels(scheduler: Any) -> tuple[float, float] | None:
+    """(level of the last model call, level after the last step) for sigma-list schedulers."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or not hasattr(scheduler, "step_index") or len(sigmas) < 2:
+        return None
+    return float(sigmas[-2]), float(sigmas[-1])
 
 
 def run_scheduler(
     denoise: Denoiser,
-    x_T: torch.Tensor,
-    steps: int,
+    x: torch.Tensor,
+    grid: Grid,
     options: dict[str, Any],
     generators: list[torch.Generator] | None,
-    schedule: dict[str, Any],
     *,
     class_name: str,
     fixed: dict[str, Any],
     step_options: tuple[str, ...] = (),
     subschedule: bool = False,
-    denoise_to_zero: bool = False,
 ) -> torch.Tensor:
-    """Sample with a diffusers scheduler from x_T (unit variance) and return the clean sample."""
+    """Sample with a diffusers scheduler. `x` is the start at grid.sigmas[0] on x = x_0 + sigma n;
+    the scheduler's own first level decides where it really starts (it may differ by float32
+    round-off, or by diffusers' own spacing when a spacing flag is used)."""
     ctor = {k: v for k, v in options.items() if k not in step_options}
     step_kwargs = {k: v for k, v in options.items() if k in step_options}
-    ctor.update(fixed)
-    mapper = None
-    if subschedule:
-        mapper = _visited_subschedule(class_name, schedule, ctor, steps)
-        scheduler = mapper.scheduler
-    else:
-        scheduler = make_scheduler(class_name, schedule, ctor)
-        scheduler.set_timesteps(steps, device=x_T.device)
+    scheduler, mapper = build(class_name, grid, ctor, fixed, subschedule)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = generators
-    x = x_T * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        if mapper is not None:
-            sigma, model_t = mapper.sigma(t), mapper.real_t(t)
-        else:
-            sigma, model_t = solver_sigma(scheduler, t), t
-        x_in = scheduler.scale_model_input(x, t)
-        out = denoise(x_in, model_t, sigma)
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
-    if denoise_to_zero:  # one more evaluation turns the sample at the last noise level into a clean one
-        sigma = (
-            solver_sigma(scheduler, scheduler.timesteps[-1])
-            if scheduler.step_index is None
-            else (scheduler.sigmas[scheduler.step_index].double())
-        )
-        t_last = scheduler.timesteps[-1]
-        eps = to_epsilon(denoise(x, t_last, sigma), x, sigma, scheduler.config.prediction_type)
-        x = (x - sigma / (1 + sigma**2).sqrt() * eps) * (1 + sigma**2).sqrt()
-    return x
+    sigma_scaled = float(scheduler.init_noise_sigma) != 1.0
+    x_T = x / math.sqrt(1 + float(grid.sigmas[0]) ** 2)  # back to the unit-variance draw
+    timesteps = list(scheduler.timesteps)
+    first = mapper.sigma(timesteps[0]) if mapper else solver_sigma(scheduler, timesteps[0])
+    state = x_T * math.sqrt(1 + first**2) if sigma_scaled else x_T
+    ends = _final_levels(scheduler)
+    zero_length_last = ends is not None and ends[0] == ends[1] and ends[1] > 0
+    if zero_length_last:
+        timesteps = timesteps[:-1]  # its last step would have length zero: denoise to 0 there instead
+    for t in timesteps:
+        sigma = mapper.sigma(t) if mapper else solver_sigma(scheduler, t)
+        x_in = scheduler.scale_model_input(state, t)
+        y = state if sigma_scaled else x_in * math.sqrt(1 + sigma**2)
+        d = denoise(y, torch.tensor(sigma, dtype=torch.float64))
+        eps = (y - d) / sigma
+        state = scheduler.step(eps, t, state, **step_kwargs).prev_sample
+    if zero_length_last:
+        sigma = ends[0]
+    elif ends is not None and ends[1] > 0:
+        sigma = ends[1]  # it stopped at a positive level: one more evaluation denoises to 0
+    else:
+        return state
+    y = state if sigma_scaled else state * math.sqrt(1 + sigma**2)
+    return denoise(y, torch.tensor(sigma, dtype=torch.float64))
+
+
+def diffusers_nfe_rule(
+    class_name: str,
+    per_step: int,
+    offset: int,
+    subschedule: bool,
+    fixed: dict[str, Any],
+    step_options: tuple[str, ...],
+):
+    """The NFE rule of a diffusers entry: `per_step * N + offset`, plus one when the scheduler stops
+    at a positive level and the adapter denoises to 0 (probed on a 10-step build)."""
+
+    def rule(options: dict[str, Any], schedule: dict[str, Any]) -> NfeRule:
+        if subschedule:
+            return NfeRule(per_step, offset)
+        from samplebench.schedules import make_grid
+
+        noise = NoiseSchedule("vp_discrete", _probe_sigmas())
+        if schedule.get("name") not in SPACINGS + tuple(SCHEDULE_FLAGS):
+            schedule = {"name": "time_uniform"}  # how the levels are given decides the end, not their values
+        grid = make_grid(schedule, noise, 10)
+        ctor = {k: v for k, v in options.items() if k not in step_options}
+        scheduler, _ = build(class_name, grid, ctor, fixed, False)
+        ends = _final_levels(scheduler)
+        extra = 1 if ends is not None and ends[1] > 0 and ends[0] != ends[1] else 0
+        return NfeRule(per_step, offset + extra)
+
+    return rule
+
+
+def _probe_sigmas() -> torch.Tensor:
+    """Training levels of SD's scaled-linear schedule: only used to see how a scheduler ends."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    return ((1 - abar) / abar).sqrt()

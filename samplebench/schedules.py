@@ -1,0 +1,246 @@
+"""Noise-level schedules: (schedule, N, the model's noise schedule) -> the levels a sampler visits.
+
+Every schedule gives N decreasing positive levels sigma_0 > ... > sigma_{N-1} and then a final 0,
+so an N-step sampler takes N steps, the last one from sigma_{N-1} to 0 (a clean sample). Where the
+last positive level sits is part of the schedule and is recorded as `ends` (for example
+"sigma_min then 0": the model's smallest training level, then 0). Schedules are kept apart from
+solvers, as in k-diffusion (get_sigmas_karras, get_sigmas_exponential) and DPM-Solver's
+`get_time_steps(skip_type=...)`; conf/schedule/<name>.yaml holds their options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from samplebench.errors import UsageError
+from samplebench.models.base import NoiseSchedule
+
+# Align Your Steps (Sabour et al. 2024, arXiv:2404.14507): the published 10-step levels, as
+# diffusers ships them in diffusers.schedulers.AysSchedules (the final 0 dropped here).
+AYS_SIGMAS = {
+    "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """The levels one cell's sampler visits: N positive levels then 0 (float64, length N + 1)."""
+
+    sigmas: torch.Tensor
+    schedule: dict[str, Any]
+    ends: str
+    noise: NoiseSchedule
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    name: str
+    title: str
+    levels: Callable[[NoiseSchedule, int, dict[str, Any]], torch.Tensor]
+    source: str
+
+
+def _karras(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
+    """EDM eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho."""
+    rho = float(opts.get("rho", 7.0))
+    if rho <= 0:
+        raise UsageError(f"schedule.rho={rho} must be positive (EDM uses 7)")
+    lo, hi = _range(noise, opts)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+
+
+def _time_uniform(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
+    """Uniform in the model's (fractional) training time from t = T-1 down to t = 0 (DPM-Solver's
+    skip_type='time_uniform' on the discrete schedule, without diffusers' integer rounding)."""
+    t = torch.linspace(noise.num_train_timesteps - 1, 0, n, dtype=torch.float64)
+    return noise.t_to_sigma(t)
+
+
+def _time_quadratic(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
+    """DPM-Solver's skip_type='time_quadratic': uniform in sqrt(t) for continuous t = (index+1)/T in
+    [1/T, 1], dense near the data end (DDIM's quadratic spacing)."""
+    T = noise.num_train_timesteps
+    u = torch.linspace(1.0, (1.0 / T) ** 0.5, n, dtype=torch.float64) ** 2
+    return noise.t_to_sigma(u * T - 1)
+
+
+def _logsnr(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
+    """Uniform in logSNR lambda = -log sigma (DPM-Solver's skip_type='logSNR'; the same grid as
+    k-diffusion's get_sigmas_exponential and diffusers' use_lu_lambdas / use_exponential_sigmas)."""
+    lo, hi = _range(noise, opts)
+    return torch.linspace(np.log(hi), np.log(lo), n, dtype=torch.float64).exp()
+
+
+def _polyexponential(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
+    """k-diffusion's get_sigmas_polyexponential: log sigma interpolated with ramp^rho (rho = 1 is the
+    exponential / logSNR grid; rho > 1 puts more levels at high noise)."""
+    rho = float(opts.get("rho", 2.0))
+    lo, hi = _range(noise, opts)
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    return (ramp * (np.log(hi) - np.log(lo)) + np.log(lo)).exp()
+
+
+def _diffusers_spacing(kind: str) -> Callable[[NoiseSchedule, int, dict[str, Any]], torch.Tensor]:
+    def levels(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
+        """diffusers' timestep_spacing (DDIMScheduler.set_timesteps), integer training timesteps."""
+        T = noise.num_train_timesteps
+        offset = int(opts.get("steps_offset", 0))
+        if kind == "leading":
+            t = (np.arange(0, n) * (T // n)).round()[::-1] + offset
+        elif kind == "trailing":
+            t = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+        else:
+            t = np.linspace(0, T - 1, n).round()[::-1]
+        t = np.clip(t.astype(np.int64), 0, T - 1)
+        return noise.train_sigmas[torch.as_tensor(t.copy())].double()
+
+    return levels
+
+
+def loglinear_interp(levels: np.ndarray, n: int) -> np.ndarray:
+    """The AYS paper's interpolation to n levels: linear in log sigma over an evenly spaced index."""
+    xs = np.linspace(0, 1, len(levels))
+    ys = np.log(np.asarray(levels, dtype=np.float64)[::-1])
+    return np.exp(np.interp(np.linspace(0, 1, n), xs, ys))[::-1].copy()
+
+
+def _ays(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
+    """Align Your Steps: the published 10-step levels for `schedule.model` (sd15, sdxl), log-linearly
+    interpolated to N as in the paper's code. They were optimised for those models' schedule
+    (sigma_max 14.615); on another model they are used as published."""
+    key = str(opts.get("model", "sd15"))
+    if key not in AYS_SIGMAS:
+        raise UsageError(
+            f"schedule.model={key} has no published AYS levels; choose one of {', '.join(AYS_SIGMAS)}"
+        )
+    published = np.asarray(AYS_SIGMAS[key])
+    out = published if n == len(published) else loglinear_interp(published, n)
+    return torch.as_tensor(out, dtype=torch.float64)
+
+
+def _custom(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
+    """schedule.sigmas=[...]: decreasing positive levels (a trailing 0 is allowed and dropped); with
+    schedule.interpolate=true they are log-linearly interpolated to N like AYS."""
+    raw = opts.get("sigmas") or []
+    try:
+        given = [float(v) for v in raw]
+    except (TypeError, ValueError) as e:
+        raise UsageError(
+            "schedule.sigmas must be a list of numbers, e.g. schedule.sigmas=[14.6,3,0.5,0.03]"
+        ) from e
+    if given and given[-1] == 0:
+        given = given[:-1]
+    arr = np.asarray(given, dtype=np.float64)
+    if len(arr) == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0) or np.any(np.diff(arr) >= 0):
+        raise UsageError(
+            "schedule=custom needs schedule.sigmas=[...]: strictly decreasing positive levels "
+            "(a final 0 may be given), e.g. schedule.sigmas=[14.6,3,0.5,0.03]"
+        )
+    if len(arr) != n:
+        if not opts.get("interpolate", False):
+            raise UsageError(
+                f"schedule=custom gives {len(arr)} levels but this cell takes {n} steps; give {n} levels "
+                "or set schedule.interpolate=true to interpolate them log-linearly"
+            )
+        arr = loglinear_interp(arr, n)
+    return torch.as_tensor(arr)
+
+
+def _range(noise: NoiseSchedule, opts: dict[str, Any]) -> tuple[float, float]:
+    """(sigma_min, sigma_max): the model's training range unless schedule.sigma_min/max are set."""
+    lo = opts.get("sigma_min")
+    hi = opts.get("sigma_max")
+    lo = noise.sigma_min if lo is None else float(lo)
+    hi = noise.sigma_max if hi is None else float(hi)
+    if not 0 < lo < hi:
+        raise UsageError(f"schedule.sigma_min={lo} and sigma_max={hi} must satisfy 0 < sigma_min < sigma_max")
+    return lo, hi
+
+
+SCHEDULES: dict[str, ScheduleSpec] = {
+    s.name: s
+    for s in [
+        ScheduleSpec("karras", "Karras (rho)", _karras, "Karras et al. 2022, arXiv:2206.00364, eq. 5"),
+        ScheduleSpec(
+            "time_uniform",
+            "uniform in time",
+            _time_uniform,
+            "Lu et al. 2022, arXiv:2206.00927 (time_uniform)",
+        ),
+        ScheduleSpec(
+            "time_quadratic",
+            "quadratic in time",
+            _time_quadratic,
+            "Song et al. 2021 (DDIM quadratic); DPM-Solver skip_type=time_quadratic",
+        ),
+        ScheduleSpec("logsnr", "uniform in logSNR", _logsnr, "Lu et al. 2022, arXiv:2206.00927 (logSNR)"),
+        ScheduleSpec(
+            "exponential",
+            "exponential (= logSNR)",
+            _logsnr,
+            "k-diffusion get_sigmas_exponential; identical to logsnr in sigma",
+        ),
+        ScheduleSpec(
+            "polyexponential",
+            "polyexponential (rho)",
+            _polyexponential,
+            "k-diffusion get_sigmas_polyexponential",
+        ),
+        ScheduleSpec(
+            "linspace", "diffusers linspace", _diffusers_spacing("linspace"), "diffusers timestep_spacing"
+        ),
+        ScheduleSpec(
+            "leading", "diffusers leading", _diffusers_spacing("leading"), "diffusers timestep_spacing"
+        ),
+        ScheduleSpec(
+            "trailing",
+            "diffusers trailing",
+            _diffusers_spacing("trailing"),
+            "Lin et al. 2024, arXiv:2305.08891",
+        ),
+        ScheduleSpec("ays", "Align Your Steps", _ays, "Sabour et al. 2024, arXiv:2404.14507"),
+        ScheduleSpec("custom", "custom levels", _custom, "schedule.sigmas=[...]"),
+    ]
+}
+
+
+def get_schedule(name: str) -> ScheduleSpec:
+    if name not in SCHEDULES:
+        raise UsageError(f"schedule={name} is unknown; choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
+def describe_end(levels: torch.Tensor, noise: NoiseSchedule) -> str:
+    """How a grid ends: at the model's smallest training level or elsewhere, then 0."""
+    last = float(levels[-1])
+    if abs(last - noise.sigma_min) <= 1e-6 * noise.sigma_min:
+        return "sigma_min then 0"
+    return f"sigma={last:.4g} then 0"
+
+
+def make_grid(schedule: dict[str, Any], noise: NoiseSchedule, steps: int) -> Grid:
+    """The N + 1 levels (N positive, then 0) of `schedule` for an N-step sampler."""
+    if steps < 1:
+        raise UsageError(f"a schedule needs at least one step, got {steps}")
+    spec = get_schedule(str(schedule.get("name")))
+    opts = {k: v for k, v in schedule.items() if k != "name"}
+    levels = spec.levels(noise, steps, opts).double().reshape(-1)
+    if len(levels) != steps:
+        raise AssertionError(f"schedule {spec.name} made {len(levels)} levels for {steps} steps")
+    if bool((levels[1:] >= levels[:-1]).any()):
+        raise UsageError(
+            f"schedule={spec.name} gives repeated levels at {steps} steps (integer timesteps collide); "
+            "use fewer steps or a continuous schedule such as karras or logsnr"
+        )
+    return Grid(torch.cat([levels, levels.new_zeros(1)]), dict(schedule), describe_end(levels, noise), noise)
