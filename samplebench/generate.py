@@ -367,6 +367,12 @@ def generate(
                         if not store.try_claim(cell_dir, s, worker, timeout):
                             progress.advance(task)  # another live worker is on it
                             continue
+                        if any(f == s for f, _, _ in store.shard_ranges(cell_dir)):
+                            # Written (then released) by another worker between our check and our claim:
+                            # a shard is written before its claim is released, so this second look is final.
+                            store.release_claim(cell_dir, s)
+                            progress.advance(task)
+                            continue
                         held.append((cell_dir, s))
                         shard = list(range(s, min(s + size, n)))
                         batches = []
