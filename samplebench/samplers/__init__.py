@@ -289,9 +289,6 @@ DIFFUSERS = [
         algorithm_type="sde-dpmsolver++",
     ),
     _d("unipc", "UniPC", "ode", "UniPCMultistepScheduler", "Zhao et al. 2023"),
-    _d("sa_solver", "SA-Solver", "sde", "SASolverScheduler", "Xue et al. 2023, arXiv:2309.05019"),
-    _d("tcd", "TCD", "sde", "TCDScheduler", "Zheng et al. 2024, arXiv:2402.19159"),
-    _d("lcm", "LCM", "sde", "LCMScheduler", "Luo et al. 2023, arXiv:2310.04378"),
 ]
 
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in NATIVE + DIFFUSERS}
