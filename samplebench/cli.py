@@ -266,8 +266,38 @@ def list_(what: str = typer.Argument("samplers", help="samplers, schedules, mode
             ends = make_grid(opts if s.name == "custom" else {"name": s.name}, noise, 10).ends
             table.add_row(s.name, s.title, "as given, then 0" if s.name == "custom" else ends, s.source)
         out.print(table)
-    elif what in ("models", "metrics"):
-        for name in group_choices(what.rstrip("s") if what == "models" else "metrics"):
+    elif what == "metrics":
+        from omegaconf import OmegaConf
+
+        from samplebench.config import conf_dir
+        from samplebench.metrics.names import ANALYTIC, IMAGE
+        from samplebench.report import lower_is_better
+
+        defaults = OmegaConf.load(conf_dir() / "metrics" / "default.yaml").get("names", [])
+        needs = {
+            "fid": "metrics.ref=",
+            "kid": "metrics.ref=",
+            "precision": "metrics.ref=",
+            "recall": "metrics.ref=",
+            "clip_score": "text prompts",
+            "clip_score_paper": "text prompts",
+            "image_reward": "text prompts, metrics.image_reward.checkpoint=",
+            "traj_mse": "a reference solve (metrics.traj_mse.*)",
+        }
+        table = Table(title="metrics (choose with metrics.names=[...]; each cell gets those that apply)")
+        for col in ("name", "models", "direction", "default", "needs"):
+            table.add_column(col)
+        for name in ANALYTIC + IMAGE:
+            table.add_row(
+                name,
+                "gmm" if name in ANALYTIC else "image models",
+                "lower is better" if lower_is_better(name) else "higher is better",
+                "yes" if name in defaults else "no",
+                needs.get(name, ""),
+            )
+        out.print(table)
+    elif what == "models":
+        for name in group_choices("model"):
             out.print(name)
     else:
         raise UsageError(f"cannot list '{what}'; choose samplers, schedules, models or metrics")

@@ -19,15 +19,28 @@ from samplebench.config import Cell, conf_dir
 from samplebench.errors import UsageError
 
 
-def reference_cell(cell_info: dict[str, Any], sampler: str, nfe: int) -> Cell:
-    """The cell a reference solve runs as: the cell's model, guidance, seed and prompts, another sampler."""
+def reference_cell(cell_info: dict[str, Any], sampler: str, nfe: int, schedule: str = "karras") -> Cell:
+    """The cell a reference solve runs as: the cell's model, guidance, seed and prompts, another sampler
+    on its own schedule (karras by default: not the cell's, which may stop above sigma_min)."""
     path = conf_dir() / "sampler" / f"{sampler}.yaml"
     if not path.exists():
         raise UsageError(
             f"metrics.traj_mse.sampler={sampler} is unknown; use a name from `samplebench list samplers`"
         )
     sampler_cfg = OmegaConf.to_container(OmegaConf.load(path))
-    cfg = {**cell_info["config"], "sampler": sampler_cfg, "nfe": int(nfe), "allow_lower_nfe": True}
+    sched_path = conf_dir() / "schedule" / f"{schedule}.yaml"
+    if not sched_path.exists():
+        raise UsageError(
+            f"metrics.traj_mse.schedule={schedule} is unknown; use a name from `samplebench list schedules`"
+        )
+    schedule_cfg = OmegaConf.to_container(OmegaConf.load(sched_path))
+    cfg = {
+        **cell_info["config"],
+        "sampler": sampler_cfg,
+        "schedule": schedule_cfg,
+        "nfe": int(nfe),
+        "allow_lower_nfe": True,
+    }
     return Cell(
         cell_info["model_label"],
         sampler,
@@ -36,6 +49,7 @@ def reference_cell(cell_info: dict[str, Any], sampler: str, nfe: int) -> Cell:
         cfg["model"],
         sampler_cfg,
         cfg,
+        schedule_label=schedule,
     )
 
 
@@ -45,7 +59,9 @@ def reference_latents(ctx: Any, cell: store.CellRecord, shard: Path, indices: np
     from samplebench.models import load_model
 
     t = ctx.sub("traj_mse")
-    ref = reference_cell(cell.info, t.get("sampler", "dpmpp_3m"), int(t.get("nfe", 200)))
+    ref = reference_cell(
+        cell.info, t.get("sampler", "dpmpp_3m"), int(t.get("nfe", 200)), t.get("schedule", "karras")
+    )
     key = ref.config_hash
     path = ctx.cache_root / "traj_ref" / key / f"{shard.stem}.npz"
     if path.exists():
@@ -82,6 +98,7 @@ def describe(ctx: Any) -> dict[str, str]:
     return {
         "reference_sampler": str(t.get("sampler", "dpmpp_3m")),
         "reference_nfe": str(t.get("nfe", 200)),
+        "reference_schedule": str(t.get("schedule", "karras")),
         "definition": "per image mean over latent elements of (x - x_ref)^2, then mean over images",
         "interval": "percentile bootstrap over images",
     }
