@@ -306,7 +306,12 @@ def list_(what: str = typer.Argument("samplers", help="samplers, schedules, mode
 def main() -> None:
     """Entry point: user errors become one line and exit code 2 (tracebacks with --debug)."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # In non-standalone mode typer turns Ctrl-C into a *returned* 130 rather than raising it.
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UsageError as e:
         if _state["debug"]:
             raise
@@ -324,7 +329,10 @@ def main() -> None:
         )
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("interrupted; finished shards are kept, re-run to resume")
+        sys.stderr.write(
+            "interrupted: finished shards and metric rows already written are kept; "
+            "re-run the same command to resume\n"
+        )
         sys.exit(130)
     except Exception as e:  # click usage errors
         import click

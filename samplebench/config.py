@@ -68,9 +68,19 @@ class Cell:
     @property
     def config_hash(self) -> str:
         """Identity of everything that changes the samples (not where they are written)."""
-        keys = ("model", "sampler", "schedule", "nfe", "guidance", "seed", "allow_lower_nfe", "prompts")
+        keys = (
+            "model",
+            "sampler",
+            "schedule",
+            "nfe",
+            "guidance",
+            "seed",
+            "allow_lower_nfe",
+            "prompts",
+            "content",
+        )
         if self.model.get("name") == "gmm":
-            keys = keys[:-1]  # the analytic model's conditions come from the seed, not from prompts
+            keys = tuple(k for k in keys if k != "prompts")  # its conditions come from the seed, not prompts
         ident = {k: self.config.get(k) for k in keys}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -179,6 +189,7 @@ def plan(overrides: list[str]) -> list[Cell]:
 def _make_cell(cfg: DictConfig) -> Cell:
     c = OmegaConf.to_container(cfg, resolve=True)
     validate(c)
+    c["content"] = content_identity(c)
     model_default = OmegaConf.to_container(
         OmegaConf.load(conf_dir() / "model" / f"{c['model']['name']}.yaml")
     )
@@ -210,6 +221,58 @@ def _schedule_label(chosen: dict[str, Any], defaults: dict[str, Any]) -> str:
     return _label(str(chosen["name"]), chosen, defaults)
 
 
+def content_identity(c: dict[str, Any]) -> dict[str, str]:
+    """What a cell reads besides its config, so that changed content never mixes into one cell:
+    the prompt file's texts (prompts=file|coco on an image model), a fingerprint of the weights
+    folder (model.path: every file's size and mtime, config files' contents), and the device type
+    and dtype that `device=auto` and `model.dtype=auto` resolve to on this machine."""
+    from samplebench.models.base import pick_device
+
+    model = c["model"]
+    device = pick_device(str(c.get("device", "auto")))
+    out: dict[str, str] = {"device": device.type}
+    if model.get("name") == "gmm":
+        out["dtype"] = str(model.get("dtype", "float64"))
+        return out
+    from samplebench.models.diffusers_models import _resolve_dtype
+
+    out["dtype"] = str(_resolve_dtype(model.get("dtype", "auto"), device)).replace("torch.", "")
+    prompts = c.get("prompts") or {}
+    if prompts.get("kind") in ("file", "coco"):
+        from samplebench.prompts import load_prompts
+
+        try:
+            out["prompts"] = load_prompts(prompts, 1).fingerprint()
+        except UsageError:
+            out["prompts"] = "unreadable"  # the worker names what is wrong with it (kind, file)
+    if model.get("path"):
+        out["weights"] = _folder_fingerprint(Path(str(model["path"])))
+    return out
+
+
+def _folder_fingerprint(root: Path) -> str:
+    """sha256 (16 hex) of every file's relative path, size and mtime, and of small config files' bytes."""
+    if not root.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        if p.suffix in (".json", ".txt", ".yaml") and st.st_size < 1 << 20:
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+CONTENT_WHAT = {
+    "prompts": "the prompt file's contents (prompts.path=)",
+    "weights": "the weights under model.path=",
+    "device": "the device (device=)",
+    "dtype": "the model dtype (model.dtype=)",
+}
+
+
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -233,6 +296,12 @@ def validate(c: dict[str, Any]) -> None:
         raise UsageError(f"seed={c['seed']} must be a non-negative integer")
     if not isinstance(c["run"], str) or not _RUN_NAME.match(c["run"]):
         raise UsageError(f"run={c['run']} must be a plain folder name (letters, digits, '_', '-', '.')")
+    worker = c.get("worker")
+    if worker is not None and (not isinstance(worker, str) or not _RUN_NAME.match(worker)):
+        # It names <run>/workers/<worker>.jsonl: a path would write outside the run.
+        raise UsageError(
+            f"worker={worker} must be a plain name (letters, digits, '_', '-', '.'), e.g. worker=gpu0"
+        )
     from samplebench.metrics.names import ALL
 
     names = (c.get("metrics") or {}).get("names") or []

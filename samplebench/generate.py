@@ -66,8 +66,21 @@ def prepare_cell_dir(run_dir: Path, cell: Cell) -> Path:
 
         old = json.loads(info_path.read_text())
         if old.get("config_hash") != cell.config_hash:
+            from samplebench.config import CONTENT_WHAT
+
+            was = (old.get("config") or {}).get("content") or {}
+            now = cell.config.get("content") or {}
+            changed = [
+                CONTENT_WHAT.get(k, k) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)
+            ]
+            what = (
+                f"{', '.join(changed)} changed since it was made"
+                if changed
+                else "it was made with a different config"
+            )
             raise UsageError(
-                f"{path} was made with a different config; use a new run= name or delete that folder"
+                f"{path}: {what}, so its shards would mix inputs; use a new run= name, "
+                "or delete that folder to start the cell over"
             )
         if old.get("num_images") != cell.config["num_images"]:
             old["num_images"] = cell.config["num_images"]

@@ -173,10 +173,15 @@ def _claim_is_stale(path: Path, timeout: float) -> bool:
     import time
 
     try:
-        info = json.loads(path.read_text())
         age = time.time() - path.stat().st_mtime
+    except OSError:
+        return True  # vanished: released (the caller re-checks for the shard after claiming)
+    try:
+        info = json.loads(path.read_text())
     except (OSError, ValueError):
-        return True  # unreadable or vanished: nobody holds it usefully
+        # Empty or partial: its worker created it (O_EXCL) and is writing its name right now. Taking
+        # it over here is how two workers once made one shard twice.
+        return age > timeout
     if age > timeout:
         return True
     if info.get("host") == socket.gethostname():

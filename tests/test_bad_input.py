@@ -51,6 +51,13 @@ CASES = {
     "corrupt weights file": (["model=ddpm_cifar10", "model.path={weights}"], "cannot load model.path="),
     "unwritable results folder": (["results_dir={root}/r/metrics.csv/sub"], "cannot write to"),
     "prompts are ignored by the analytic model": (["prompts=file", "prompts.path={root}/none.txt"], None),
+    "worker name that is a path": (["worker=../../x"], "worker=../../x must be a plain name"),
+    "custom schedule without levels": (["schedule=custom"], "schedule=custom needs schedule.sigmas"),
+    "schedule a diffusers sampler cannot run": (
+        ["sampler=diffusers:euler_a", "schedule=karras"],
+        "cannot run schedule=karras",
+    ),
+    "sampler option out of range": (["sampler=unipc", "sampler.order=5"], "sampler.order=5 is not valid"),
 }
 
 

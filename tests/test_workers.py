@@ -50,8 +50,13 @@ def test_two_workers_split_the_work_without_duplicates(tmp_path, single, how):
     assert len(cells) == 4 and all(c.complete() for c in cells)
     logged = logged_shards(run)
     counts = Counter(logged)
-    assert len(logged) == 4 * 8 and max(counts.values()) == 1  # every shard made exactly once
-    assert len(list((run / "workers").glob("*.jsonl"))) == 2  # by two workers
+    dup = {k: v for k, v in counts.items() if v > 1}
+    assert len(logged) == 4 * 8 and max(counts.values()) == 1, (dup, sorted(logged))  # every shard made once
+    # Two workers ran (each records its generate call); how the shards split between them is timing,
+    # so one fast worker may take them all: what must hold is that none was made twice.
+    history = json.loads((run / "provenance.json").read_text())
+    assert [h.get("stage") for h in history] == ["generate", "generate"]
+    assert 1 <= len(list((run / "workers").glob("*.jsonl"))) <= 2
     assert not list(run.rglob(".claim-*"))  # claims released
     got = samples(run)
     for key, value in single.items():
