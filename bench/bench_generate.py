@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from samplebench import store
+from samplebench.metrics.run import timing_row
 
 
 def machine() -> str:
@@ -45,24 +45,25 @@ def main(extra: list[str]) -> None:
         proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
         total = time.perf_counter() - start
         stages = next((line for line in proc.stderr.splitlines() if line.startswith("done in")), "")
-        rows = []
-        for cell in store.find_cells(Path(tmp) / "bench"):
-            shards = list(cell.iter_shards())
-            wall = sum(float(s["batch_seconds"].sum()) for s in shards)
-            inside = sum(float(s["batch_model_seconds"].sum()) for s in shards)
-            n = sum(int(s["batch_sizes"].sum()) for s in shards)
-            nfe = int(np.concatenate([s["nfe"] for s in shards]).max())
-            rows.append((cell.info["sampler_label"], cell.info["nfe"], nfe, n, wall, inside / wall))
+        rows = [timing_row(cell) for cell in store.find_cells(Path(tmp) / "bench")]
     print(f"Machine: {machine()}\n")
     print(
         f"Default sweep `samplebench sweep {' '.join(extra)}` end to end (process start, generation, "
         f"metrics with cached ODE references cold, report): **{total:.1f} s**; "
         f"the tool's own split: {stages.removesuffix(' Files:')}\n"
     )
-    print("| sampler | NFE asked | NFE counted | samples | sampling wall s | share inside model calls |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for sampler, nfe, counted, n, wall, share in sorted(rows):
-        print(f"| {sampler} | {nfe} | {counted} | {n} | {wall:.3f} | {share:.0%} |")
+    print(
+        "| sampler | NFE asked | NFE counted | samples | timed calls | sampling s/sample (median, min-max) "
+        "| share inside model calls | warm-up s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r["sampler"], r["nfe"])):
+        print(
+            f"| {r['sampler']} | {r['nfe']} | {r['nfe_actual']} | {r['n_images']} | {r['n_timed']} "
+            f"| {r['sec_per_image_sampling']:.3g} "
+            f"({r['sec_per_image_min']:.3g}-{r['sec_per_image_max']:.3g}) "
+            f"| {r['model_call_share']:.0%} | {r['warmup_seconds']:.3g} |"
+        )
 
 
 if __name__ == "__main__":

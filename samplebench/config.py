@@ -313,5 +313,12 @@ def validate(c: dict[str, Any]) -> None:
         )
     if not is_int(c.get("workers", 1)) or c.get("workers", 1) < 1:
         raise UsageError(f"workers={c.get('workers')} must be a positive integer (local worker processes)")
+    timing = c.get("timing") or {}
+    if not is_int(timing.get("repeats", 1)) or timing.get("repeats", 1) < 1:
+        raise UsageError(
+            f"timing.repeats={timing.get('repeats')} must be a positive integer (timed calls per cell)"
+        )
+    if not isinstance(timing.get("warmup", True), bool):
+        raise UsageError(f"timing.warmup={timing.get('warmup')} must be true or false")
     if not isinstance(c["allow_lower_nfe"], bool):
         raise UsageError("allow_lower_nfe must be true or false")

@@ -145,6 +145,21 @@ def _recorded_shard_size(cell_dir: Path, cell: Cell) -> int:
     return int(json.loads((cell_dir / "cell.json").read_text()).get("shard_size", cell.config["shard_size"]))
 
 
+def timing_repeats(cell: Cell, first: int, shard_size: int) -> int:
+    """Timing-only repeats of a batch that shard `first` runs so the cell has `timing.repeats` timed calls.
+
+    A cell's figure is a median over timed calls and its spread their range, so a cell that is one or
+    two batches long (the analytic model's default: 1000 samples, one batch) repeats its first batch.
+    Only the shard holding sample 0 does it, so the count does not depend on who makes which shard.
+    """
+    if first != 0:
+        return 0
+    n, bs = int(cell.config["num_images"]), int(cell.config["batch_size"])
+    planned = sum(-(-min(shard_size, n - s) // bs) for s in range(0, n, shard_size))
+    wanted = int((cell.config.get("timing") or {}).get("repeats", 5))
+    return max(0, wanted - planned)
+
+
 @dataclass
 class Batch:
     """One generated batch: what goes into a shard."""
@@ -239,7 +254,42 @@ def sample_batch(model: Any, cell: Cell, indices: list[int], steps: int, conditi
     return Batch(indices, x0, labels, ids, texts, stats, images)
 
 
-def _shard_arrays(batches: list[Batch], seed: int) -> dict[str, np.ndarray]:
+def make_shard(
+    model: Any,
+    cell: Cell,
+    cell_dir: Path,
+    shard: list[int],
+    steps: int,
+    conditions: CellConditions,
+    warm_up: bool,
+    shard_size: int,
+) -> tuple[list[Batch], list[dict[str, Any]]]:
+    """The shard's batches, and its timing-only calls: an untimed warm-up call first when `warm_up` (the
+    first call of a sampler in a process pays lazy imports, allocator and kernel warm-up; its cost is kept
+    apart), then repeats of the first batch up to the cell's timing.repeats (timing_repeats). Timing-only
+    calls run on the shard's first batch; their outputs are discarded."""
+    bs, first = int(cell.config["batch_size"]), shard[0]
+    timing_calls: list[dict[str, Any]] = []
+
+    def timing_only(kind: str) -> None:
+        store.heartbeat(cell_dir, first)
+        extra = sample_batch(model, cell, shard[:bs], steps, conditions)
+        timing_calls.append({**extra.stats, "size": len(extra.indices), "kind": kind})
+
+    if warm_up:
+        timing_only("warmup")
+    batches = []
+    for b in range(0, len(shard), bs):
+        store.heartbeat(cell_dir, first)
+        batches.append(sample_batch(model, cell, shard[b : b + bs], steps, conditions))
+    for _ in range(timing_repeats(cell, first, shard_size)):
+        timing_only("repeat")
+    return batches, timing_calls
+
+
+def _shard_arrays(
+    batches: list[Batch], seed: int, timing_calls: list[dict[str, Any]]
+) -> dict[str, np.ndarray]:
     samples = torch.cat([b.samples for b in batches]).cpu()
     indices = np.concatenate([np.asarray(b.indices, dtype=np.int64) for b in batches])
     arrays = {
@@ -251,32 +301,46 @@ def _shard_arrays(batches: list[Batch], seed: int) -> dict[str, np.ndarray]:
         "prompts": np.asarray([p for b in batches for p in b.prompts], dtype=str),
         "finite": torch.isfinite(samples.reshape(len(samples), -1)).all(1).numpy(),
         "nfe": np.concatenate([np.full(len(b.indices), b.stats["nfe"], dtype=np.int64) for b in batches]),
-        "batch_sizes": np.asarray([len(b.indices) for b in batches], dtype=np.int64),
-        "batch_seconds": np.asarray([b.stats["seconds"] for b in batches]),
-        "batch_model_seconds": np.asarray([b.stats["model_seconds"] for b in batches]),
-        "batch_decode_seconds": np.asarray([b.stats["decode_seconds"] for b in batches]),
-        "batch_warmup": np.asarray([bool(b.stats.get("warmup", False)) for b in batches]),
+    }
+    # One entry per timed call: the shard's own batches, then timing-only calls (make_shard).
+    calls = [(len(b.indices), b.stats, "sample") for b in batches] + [
+        (int(st["size"]), st, str(st["kind"])) for st in timing_calls
+    ]
+    arrays |= {
+        "batch_sizes": np.asarray([c[0] for c in calls], dtype=np.int64),
+        "batch_seconds": np.asarray([c[1]["seconds"] for c in calls], dtype=np.float64),
+        "batch_model_seconds": np.asarray([c[1]["model_seconds"] for c in calls], dtype=np.float64),
+        "batch_decode_seconds": np.asarray([c[1]["decode_seconds"] for c in calls], dtype=np.float64),
+        "batch_kind": np.asarray([c[2] for c in calls], dtype=str),
     }
     if batches[0].images is not None:
         arrays["images"] = np.concatenate([b.images for b in batches])
     return arrays
 
 
-def _write_shard(cell_dir: Path, first: int, batches: list[Batch], seed: int) -> Path:
+def _write_shard(
+    cell_dir: Path, first: int, batches: list[Batch], seed: int, timing_calls: list[dict[str, Any]]
+) -> Path:
     """Encode and write one shard (and its PNG contact sheet); runs on the writer thread."""
-    arrays = _shard_arrays(batches, seed)
+    arrays = _shard_arrays(batches, seed, timing_calls)
     if "images" in arrays:
         store.write_preview(cell_dir, first, arrays["images"])
     return store.write_shard(cell_dir, first, arrays)
 
 
 def _write_and_log(
-    run_dir: Path, worker: str, cell_dir: Path, first: int, batches: list[Batch], seed: int
+    run_dir: Path,
+    worker: str,
+    cell_dir: Path,
+    first: int,
+    batches: list[Batch],
+    seed: int,
+    timing_calls: list[dict[str, Any]],
 ) -> Path:
     """Write a shard, log it for this worker, then release its claim."""
     import json
 
-    path = _write_shard(cell_dir, first, batches, seed)
+    path = _write_shard(cell_dir, first, batches, seed, timing_calls)
     log = run_dir / "workers" / f"{worker}.jsonl"
     log.parent.mkdir(exist_ok=True)
     entry = {
@@ -366,12 +430,13 @@ def generate(
                         "dtype": str(getattr(model, "model_dtype", model.dtype)),
                     },
                 )
-                warmed: set[str] = set()
+                warmed: set[str] = set()  # samplers this process has warmed up
                 for cell, cell_dir, size, starts, _ in group:
                     progress.update(task, description=f"{cell.rel_dir}")
                     _record_grid(cell_dir, grid_for(model, cell, steps[cell]))
                     conditions = CellConditions(model, cell.config)
-                    n, bs = int(cell.config["num_images"]), int(cell.config["batch_size"])
+                    n = int(cell.config["num_images"])
+                    warm_up = bool((cell.config.get("timing") or {}).get("warmup", True))
                     timeout = float(cell.config.get("claim_timeout", 600))
                     for s in starts:
                         if any(f == s for f, _, _ in store.shard_ranges(cell_dir)):
@@ -388,15 +453,11 @@ def generate(
                             continue
                         held.append((cell_dir, s))
                         shard = list(range(s, min(s + size, n)))
-                        batches = []
-                        for b in range(0, len(shard), bs):
-                            store.heartbeat(cell_dir, s)
-                            batch = sample_batch(model, cell, shard[b : b + bs], steps[cell], conditions)
-                            # The first batch of each sampler in this process pays lazy imports, allocator and
-                            # kernel warm-up: its images count, its time is left out of the cell's timing.
-                            batch.stats["warmup"] = cell.sampler["name"] not in warmed
-                            warmed.add(cell.sampler["name"])
-                            batches.append(batch)
+                        cold = warm_up and cell.sampler["name"] not in warmed
+                        warmed.add(cell.sampler["name"])
+                        batches, timing_calls = make_shard(
+                            model, cell, cell_dir, shard, steps[cell], conditions, cold, size
+                        )
                         # Encoding and writing run on a background thread, so the device never waits on disk.
                         pending.append(
                             writer.submit(
@@ -407,6 +468,7 @@ def generate(
                                 s,
                                 batches,
                                 int(cell.config["seed"]),
+                                timing_calls,
                             )
                         )
                         written += _drain(pending, progress, task, on_shard, block=False)

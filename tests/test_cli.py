@@ -76,6 +76,8 @@ def test_sweep_end_to_end(tmp_path):
         "n_images",
         "sec_per_image",
         "nfe_actual",
+        "sec_per_image_min",
+        "sec_per_image_max",
     ]
     assert len(df) == 2 * 2 * 2 * 2
     assert (df["nfe"] == df["nfe_actual"]).all() and (df["n_images"] == 200).all()

@@ -70,39 +70,67 @@ TIMING_KEYS = (
     "batch_seconds",
     "batch_model_seconds",
     "batch_decode_seconds",
+    "batch_kind",
     "batch_warmup",
 )
 
 
+def _batch_kinds(part: dict[str, np.ndarray]) -> np.ndarray:
+    """ "sample", "repeat" or "warmup" per timed call (shards made before timing-only calls: from the
+    old warm-up flag, which marked a real batch whose time was left out)."""
+    if "batch_kind" in part:
+        return part["batch_kind"].astype(str)
+    warm = part.get("batch_warmup", np.zeros(len(part["batch_sizes"]), bool))
+    return np.where(warm, "warmup-batch", "sample")
+
+
 def timing_row(cell: store.CellRecord) -> dict[str, Any]:
-    """Per-cell timing from the shards' per-batch records. Warm-up batches (the first of each sampler
-    in a worker process) are left out unless a cell has nothing else."""
+    """Per-cell timing from the shards' per-call records.
+
+    The figure is the median over timed calls (the cell's batches and its timing-only repeats, see
+    generate.timing_repeats) of seconds per sample, with their min and max as its spread; a smaller
+    last batch is left out when full ones exist (per-sample cost depends on batch size). Warm-up calls
+    are never timed in: their cost is reported apart. A cell with nothing else (made before warm-up
+    calls existed, one batch) falls back to its warm-up batch and says so in `timing_note`.
+    """
     parts = [store.read_shard(p, TIMING_KEYS) for _, _, p in cell.shards()]
     sizes = np.concatenate([p["batch_sizes"] for p in parts])
-    warm = np.concatenate([p.get("batch_warmup", np.zeros(len(p["batch_sizes"]), bool)) for p in parts])
-    keep = ~warm if (~warm).any() else np.ones_like(warm)
+    kinds = np.concatenate([_batch_kinds(p) for p in parts])
 
-    def total(key: str) -> float:
-        values = np.concatenate([p.get(key, np.zeros(len(p["batch_sizes"]))) for p in parts])
-        return float(values[keep].sum())
+    def column(key: str) -> np.ndarray:
+        return np.concatenate([p.get(key, np.zeros(len(p["batch_sizes"]))) for p in parts]).astype(float)
 
-    n = int(sizes[keep].sum())
-    sampling, decode = total("batch_seconds"), total("batch_decode_seconds")
+    sampling, decode = column("batch_seconds"), column("batch_decode_seconds")
+    timed = (kinds == "sample") | (kinds == "repeat")
+    note = ""
+    if not timed.any():
+        timed, note = kinds != "warmup", "warm-up batch only (made before timed repeats)"
+    full = timed & (sizes == sizes[timed].max())
+    busy = sampling[full].sum()
+    model_share = column("batch_model_seconds")[full].sum() / busy if busy else float("nan")
+    rate_sampling, rate_decode = sampling[full] / sizes[full], decode[full] / sizes[full]
+    rate_total = rate_sampling + rate_decode
+    warm = (kinds == "warmup") | (kinds == "warmup-batch")
     info = cell.info
+    flags = finite_flags(cell)
     return {
         "model": info["model_label"],
         "sampler": info["sampler_label"],
         "schedule": info.get("schedule_label", ""),
         "nfe": int(info["nfe"]),
         "guidance": float(info["guidance"]),
-        "n_images": int(sizes.sum()),
-        "n_timed": n,
+        "n_images": len(flags),
+        "n_timed": int(full.sum()),
         "nfe_actual": int(max(int(p["nfe"].max()) for p in parts)),
-        "non_finite": int(sum(int((~p["finite"]).sum()) for p in parts)),
-        "sec_per_image_sampling": sampling / n,
-        "sec_per_image_decode": decode / n,
-        "sec_per_image_total": (sampling + decode) / n,
-        "model_call_share": total("batch_model_seconds") / sampling if sampling else float("nan"),
+        "non_finite": int((~flags).sum()),
+        "sec_per_image_sampling": float(np.median(rate_sampling)),
+        "sec_per_image_decode": float(np.median(rate_decode)),
+        "sec_per_image_total": float(np.median(rate_total)),
+        "sec_per_image_min": float(rate_total.min()),
+        "sec_per_image_max": float(rate_total.max()),
+        "warmup_seconds": float((sampling[warm] + decode[warm]).sum()),
+        "model_call_share": float(model_share),
+        "timing_note": note,
     }
 
 
@@ -309,6 +337,8 @@ def compute_metrics(
                 "guidance": float(cell.info["guidance"]),
                 "n_images": n_ok,
                 "sec_per_image": timing["sec_per_image_total"],
+                "sec_per_image_min": timing["sec_per_image_min"],
+                "sec_per_image_max": timing["sec_per_image_max"],
                 "nfe_actual": timing["nfe_actual"],
             }
             cell_key = tuple(base[k] for k in CELL_KEY)
@@ -391,8 +421,10 @@ def compute_metrics(
         "rows": {**old.get("rows", {}), **row_protocols},
         "traj_err_floor": {**old.get("traj_err_floor", {}), **floors},
         "nfe": "model evaluations per sample, counted outside guidance",
-        "sec_per_image": "sampling plus decoding wall time per sample, device-synchronised; model load and "
-        "warm-up batches (the first of each sampler in a worker) excluded",
+        "sec_per_image": "sampling plus decoding wall time per sample, device-synchronised: the median over "
+        "a cell's timed calls (its full-size batches, plus timing-only repeats of its first batch up to "
+        "timing.repeats), sec_per_image_min/max their range; model load and each sampler's untimed "
+        "warm-up call per worker excluded (timings.csv warmup_seconds)",
         "versions": versions(),
         "git_commit": git_commit(),
     }

@@ -24,6 +24,8 @@ METRICS_COLUMNS: tuple[str, ...] = (
     "n_images",
     "sec_per_image",
     "nfe_actual",
+    "sec_per_image_min",
+    "sec_per_image_max",
 )
 # The key of a row in metrics.csv on disk.
 FILE_KEY_COLUMNS: tuple[str, ...] = ("model", "sampler", "schedule", "nfe", "guidance", "metric")
@@ -64,6 +66,29 @@ LOWER_IS_BETTER: dict[str, bool] = {
     "recall": False,
     NONFINITE: True,
 }
+
+
+TIMING_NOTE = (
+    "seconds per sample, device-synchronised: median over each cell's timed calls (its full batches, or "
+    "repeats of its first batch up to timing.repeats), range min-max; each sampler's untimed warm-up "
+    "call per worker and model loading are excluded (warm-up cost in its own column)"
+)
+ANALYTIC_TIME_NOTE = (
+    "On the analytic model (gmm) a model call costs microseconds, so its time axis measures the "
+    "solver's own per-step overhead (Python and tensor operations), not a network's cost."
+)
+
+
+def is_analytic(model_label: str) -> bool:
+    """The analytic Gaussian-mixture model, whose timings measure solver overhead only."""
+    return str(model_label).split("[")[0] == "gmm"
+
+
+def time_axis_notes(models: Iterable[str]) -> list[str]:
+    """What the time axis of these models measures, as sentences for tables, plots and pages."""
+    return [TIMING_NOTE[0].upper() + TIMING_NOTE[1:] + "."] + (
+        [ANALYTIC_TIME_NOTE] if any(is_analytic(m) for m in models) else []
+    )
 
 
 def lower_is_better(metric: str) -> bool:
@@ -116,16 +141,20 @@ def nonfinite_cells(df: pd.DataFrame) -> pd.DataFrame:
 
 
 __all__ = [
+    "ANALYTIC_TIME_NOTE",
     "CELL_COLUMNS",
     "FILE_KEY_COLUMNS",
     "KEY_COLUMNS",
     "LOWER_IS_BETTER",
     "METRICS_COLUMNS",
     "NONFINITE",
+    "TIMING_NOTE",
+    "is_analytic",
     "lower_is_better",
     "nonfinite_cells",
     "quality_rows",
     "require_columns",
     "require_unique_keys",
     "solver_frame",
+    "time_axis_notes",
 ]

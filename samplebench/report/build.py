@@ -13,7 +13,7 @@ from rich.table import Table
 
 from samplebench import store
 from samplebench.errors import UsageError
-from samplebench.report import nonfinite_cells, quality_rows, solver_frame
+from samplebench.report import nonfinite_cells, quality_rows, solver_frame, time_axis_notes
 from samplebench.report.leaderboard import (
     best_per_budget,
     best_per_budget_markdown,
@@ -32,8 +32,9 @@ KEY = ["model", "sampler", "nfe", "guidance"]
 
 
 def print_timings(df: pd.DataFrame, console: Console) -> None:
-    """Seconds per image (sampling, decoding, total) and counted NFE of every cell."""
-    table = Table(title="timings (seconds per image; warm-up excluded)")
+    """Seconds per sample (sampling, decoding, total with its range), counted NFE and warm-up cost of every
+    cell, under a caption saying what the time axis measures."""
+    table = Table(title="timings (seconds per sample; median of timed calls, range min-max)")
     for col in (
         "model",
         "sampler",
@@ -42,12 +43,16 @@ def print_timings(df: pd.DataFrame, console: Console) -> None:
         "guidance",
         "images",
         "non-finite",
+        "timed",
         "sampling",
         "decode",
         "total",
+        "range",
+        "warm-up s",
     ):
         table.add_column(col, justify="left" if col in ("model", "sampler") else "right")
     for r in df.itertuples():
+        lo, hi = getattr(r, "sec_per_image_min", float("nan")), getattr(r, "sec_per_image_max", float("nan"))
         table.add_row(
             str(r.model),
             str(r.sampler),
@@ -56,11 +61,16 @@ def print_timings(df: pd.DataFrame, console: Console) -> None:
             f"{r.guidance:g}",
             str(r.n_images),
             str(getattr(r, "non_finite", 0)),
-            f"{r.sec_per_image_sampling:.4f}",
-            f"{r.sec_per_image_decode:.4f}",
-            f"{r.sec_per_image_total:.4f}",
+            str(getattr(r, "n_timed", "")),
+            f"{r.sec_per_image_sampling:.3g}",
+            f"{r.sec_per_image_decode:.3g}",
+            f"{r.sec_per_image_total:.3g}",
+            "" if pd.isna(lo) else f"{lo:.3g}-{hi:.3g}",
+            f"{getattr(r, 'warmup_seconds', float('nan')):.3g}",
         )
     console.print(table)
+    for line in time_axis_notes(df["model"].astype(str)):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _merged_csv(run_dirs: list[Path], name: str, key: list[str]) -> pd.DataFrame | None:
@@ -142,7 +152,10 @@ def build_report(run_dirs: Path | list[Path], console: Console) -> list[Path]:
             + "\n"
             + nonfinite_markdown(excluded)
             + ("\n" if not excluded.empty else "")
-            + best_per_budget_markdown(best),
+            + best_per_budget_markdown(best)
+            + "\n"
+            + " ".join(time_axis_notes(df["model"].astype(str)))
+            + "\n",
         )
         store.atomic_write_text(out / "leaderboard.csv", leaderboard_csv(boards).to_csv(index=False))
         store.atomic_write_text(out / "best_per_budget.csv", best.to_csv(index=False))

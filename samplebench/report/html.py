@@ -444,9 +444,10 @@ def _timings(timings: pd.DataFrame | None) -> str:
     ]
     headers = [str(c).replace("sec_per_image_", "s/image ").replace("_", " ") for c in df.columns]
     rows = [[v.item() if hasattr(v, "item") else v for v in r] for r in df.itertuples(index=False)]
-    return _table(
-        headers, rows, numeric, caption="seconds per image, device-synchronised; warm-up batches excluded"
-    )
+    from samplebench.report import time_axis_notes
+
+    caption = " ".join(time_axis_notes(df["model"].astype(str) if "model" in df.columns else []))
+    return _table(headers, rows, numeric, caption=caption)
 
 
 # ----------------------------------------------------------------------------------------- page

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
 
-from samplebench.report import CELL_COLUMNS, lower_is_better, nonfinite_cells, require_columns
+from samplebench.report import CELL_COLUMNS, is_analytic, lower_is_better, nonfinite_cells, require_columns
 
 PLOT_COLUMNS: tuple[str, ...] = (
     "model",
@@ -37,7 +37,7 @@ PLOT_COLUMNS: tuple[str, ...] = (
 X_AXES: dict[str, tuple[str, str]] = {
     # file suffix -> (column, axis label)
     "nfe": ("nfe_actual", "model evaluations per sample (counted NFE, log scale)"),
-    "time": ("sec_per_image", "generation seconds per sample (log scale)"),
+    "time": ("sec_per_image", "seconds per sample, median of timed calls (log scale)"),
 }
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p")
 DPI = 150
@@ -84,6 +84,16 @@ def _error_bars(facet: pd.DataFrame) -> np.ndarray:
     return np.vstack([below, above])
 
 
+def _time_bars(rows: pd.DataFrame) -> np.ndarray | None:
+    """Asymmetric xerr from the timed calls' range (min-max), where metrics.csv has it."""
+    if "sec_per_image_min" not in rows or "sec_per_image_max" not in rows:
+        return None
+    x = rows["sec_per_image"].to_numpy(float)
+    below = np.nan_to_num(x - rows["sec_per_image_min"].to_numpy(float), nan=0.0).clip(min=0.0)
+    above = np.nan_to_num(rows["sec_per_image_max"].to_numpy(float) - x, nan=0.0).clip(min=0.0)
+    return np.vstack([below, above])
+
+
 def _draw_facet(
     ax: Axes, facet: pd.DataFrame, x_col: str, styles: dict[str, tuple[Any, str]], lower: bool
 ) -> None:
@@ -95,6 +105,7 @@ def _draw_facet(
             rows[x_col],
             rows["value"],
             yerr=_error_bars(rows),
+            xerr=_time_bars(rows) if x_col == "sec_per_image" else None,
             color=colour,
             marker=marker,
             markersize=5,
@@ -186,7 +197,14 @@ def _plot_one(df: pd.DataFrame, metric: str, suffix: str, out_dir: Path) -> Path
                 label="some samples non-finite\n(not ranked)",
             )
         )
-    fig.suptitle(f"{metric} vs {'NFE' if suffix == 'nfe' else 'time'} (error bars: 95% CI)")
+    if suffix == "nfe":
+        fig.suptitle(f"{metric} vs NFE (error bars: 95% CI)")
+    else:
+        analytic = any(is_analytic(m) for m in models)
+        fig.suptitle(
+            f"{metric} vs time (error bars: 95% CI; time bars: range of timed calls)"
+            + ("\nanalytic model: time is the solver's per-step overhead (model calls cost µs)" * analytic)
+        )
     fig.tight_layout()
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     path = out_dir / f"{_safe_name(metric)}_vs_{suffix}.png"
