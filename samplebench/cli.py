@@ -51,10 +51,12 @@ def _generate(overrides: list[str]):
     from samplebench.config import plan
 
     cells = plan(overrides)  # only Hydra so far: bad overrides fail before torch is imported
+    from samplebench import plan as run_plan
     from samplebench.generate import GenerationSummary, generate
     from samplebench.launch import launch
 
-    workers = launch(overrides, cells)
+    cells, invocation = run_plan.record(cells, str(cells[0].config.get("on_change", "refuse")))
+    workers = launch(cells, invocation)
     if workers is None:
         summary = generate(cells, err, worker=cells[0].config.get("worker"))
         err.print(
@@ -64,7 +66,7 @@ def _generate(overrides: list[str]):
         return cells, summary
     from samplebench import store
 
-    run_dir = Path(cells[0].config["results_dir"]) / cells[0].config["run"]
+    run_dir = run_plan.run_dir_of(cells[0])
     found = {c.key: c for c in store.find_cells(run_dir)}
     keys = {
         c.rel_dir: (c.model_label, store.solver_label(c.sampler_label, c.schedule_label), c.nfe, c.guidance)
@@ -142,11 +144,42 @@ def generate(overrides: list[str] = OVERRIDES) -> None:
     _generate(overrides or [])
 
 
+@app.command(hidden=True)
+def worker(
+    run_dir: Path = typer.Argument(..., help="the run folder holding plan.json"),
+    invocation: int = typer.Option(..., "--invocation", help="which planned sweep of the run to work on"),
+    name: str = typer.Option(..., "--name", help="this worker's name in logs and claims"),
+) -> None:
+    """One worker of a launched sweep: generates the unclaimed shards of cells the sweep planned."""
+    from samplebench.launch import worker_main
+
+    worker_main(str(run_dir), invocation, name)
+
+
 @app.command()
 def metrics(overrides: list[str] = OVERRIDES) -> None:
-    """Score a generated run: samplebench metrics run=NAME."""
+    """Score a generated run: samplebench metrics run=NAME (its sweep's metrics, metrics.* on top)."""
     run_dir, metrics_cfg = _run_dir(overrides or [])
-    _metrics(run_dir, metrics_cfg)
+    _metrics(run_dir, _with_planned_metrics(run_dir, metrics_cfg, overrides or []))
+
+
+def _with_planned_metrics(run_dir: Path, given: dict, overrides: list[str]) -> dict:
+    """The metrics config the run's sweep planned with, with the metrics.* keys given now on top, so
+    scoring a run again uses its own metrics and reference, not the defaults."""
+    from omegaconf import OmegaConf
+
+    from samplebench.plan import planned_metrics
+
+    planned = planned_metrics(run_dir)
+    keys = [o.split("=")[0].lstrip("+~") for o in overrides]
+    if planned is None or "metrics" in keys:
+        return given
+    merged, now = OmegaConf.create(planned), OmegaConf.create(given)
+    for key in keys:
+        if key.startswith("metrics."):
+            sub = key.removeprefix("metrics.")
+            OmegaConf.update(merged, sub, OmegaConf.select(now, sub), force_add=True)
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 @app.command()

@@ -67,7 +67,8 @@ class Cell:
 
     @property
     def config_hash(self) -> str:
-        """Identity of everything that changes the samples (not where they are written)."""
+        """Identity of everything that changes the samples (not where they are written): the resolved
+        config and the content it reads from disk (config["content"], filled in by plan.record)."""
         keys = (
             "model",
             "sampler",
@@ -82,6 +83,8 @@ class Cell:
         if self.model.get("name") == "gmm":
             keys = tuple(k for k in keys if k != "prompts")  # its conditions come from the seed, not prompts
         ident = {k: self.config.get(k) for k in keys}
+        if not ident["content"]:  # nothing read from disk (analytic model): the hash it had before content
+            del ident["content"]
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -189,7 +192,6 @@ def plan(overrides: list[str]) -> list[Cell]:
 def _make_cell(cfg: DictConfig) -> Cell:
     c = OmegaConf.to_container(cfg, resolve=True)
     validate(c)
-    c["content"] = content_identity(c)
     model_default = OmegaConf.to_container(
         OmegaConf.load(conf_dir() / "model" / f"{c['model']['name']}.yaml")
     )
@@ -219,58 +221,6 @@ def _schedule_label(chosen: dict[str, Any], defaults: dict[str, Any]) -> str:
         base = _label("custom", rest, {k: v for k, v in defaults.items() if k != "sigmas"})
         return f"{base}@{hashlib.sha256(levels.encode()).hexdigest()[:8]}"
     return _label(str(chosen["name"]), chosen, defaults)
-
-
-def content_identity(c: dict[str, Any]) -> dict[str, str]:
-    """What a cell reads besides its config, so that changed content never mixes into one cell:
-    the prompt file's texts (prompts=file|coco on an image model), a fingerprint of the weights
-    folder (model.path: every file's size and mtime, config files' contents), and the device type
-    and dtype that `device=auto` and `model.dtype=auto` resolve to on this machine."""
-    from samplebench.models.base import pick_device
-
-    model = c["model"]
-    device = pick_device(str(c.get("device", "auto")))
-    out: dict[str, str] = {"device": device.type}
-    if model.get("name") == "gmm":
-        out["dtype"] = str(model.get("dtype", "float64"))
-        return out
-    from samplebench.models.diffusers_models import _resolve_dtype
-
-    out["dtype"] = str(_resolve_dtype(model.get("dtype", "auto"), device)).replace("torch.", "")
-    prompts = c.get("prompts") or {}
-    if prompts.get("kind") in ("file", "coco"):
-        from samplebench.prompts import load_prompts
-
-        try:
-            out["prompts"] = load_prompts(prompts, 1).fingerprint()
-        except UsageError:
-            out["prompts"] = "unreadable"  # the worker names what is wrong with it (kind, file)
-    if model.get("path"):
-        out["weights"] = _folder_fingerprint(Path(str(model["path"])))
-    return out
-
-
-def _folder_fingerprint(root: Path) -> str:
-    """sha256 (16 hex) of every file's relative path, size and mtime, and of small config files' bytes."""
-    if not root.is_dir():
-        return "missing"
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if not p.is_file():
-            continue
-        st = p.stat()
-        h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
-        if p.suffix in (".json", ".txt", ".yaml") and st.st_size < 1 << 20:
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-CONTENT_WHAT = {
-    "prompts": "the prompt file's contents (prompts.path=)",
-    "weights": "the weights under model.path=",
-    "device": "the device (device=)",
-    "dtype": "the model dtype (model.dtype=)",
-}
 
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -320,5 +270,10 @@ def validate(c: dict[str, Any]) -> None:
         )
     if not isinstance(timing.get("warmup", True), bool):
         raise UsageError(f"timing.warmup={timing.get('warmup')} must be true or false")
+    if c.get("on_change", "refuse") not in ("refuse", "restart"):
+        raise UsageError(
+            f"on_change={c.get('on_change')} is unknown; choose refuse (default) or restart (start cells "
+            "whose inputs changed over)"
+        )
     if not isinstance(c["allow_lower_nfe"], bool):
         raise UsageError("allow_lower_nfe must be true or false")

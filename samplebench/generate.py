@@ -58,29 +58,22 @@ def _sampler_options(cell: Cell) -> dict[str, Any]:
 
 
 def prepare_cell_dir(run_dir: Path, cell: Cell) -> Path:
-    """Create the cell folder, or check that an existing one was made with the same config."""
+    """Create the cell folder, or check that an existing one was made with the same config and content
+    (plan.record checked it when the sweep was planned; this second look covers a sweep into the same
+    run since)."""
+    import json
+
+    from samplebench.plan import changes
+
     path = run_dir / cell.rel_dir
     info_path = path / "cell.json"
     if info_path.exists():
-        import json
-
         old = json.loads(info_path.read_text())
         if old.get("config_hash") != cell.config_hash:
-            from samplebench.config import CONTENT_WHAT
-
-            was = (old.get("config") or {}).get("content") or {}
-            now = cell.config.get("content") or {}
-            changed = [
-                CONTENT_WHAT.get(k, k) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)
-            ]
-            what = (
-                f"{', '.join(changed)} changed since it was made"
-                if changed
-                else "it was made with a different config"
-            )
+            what = ", ".join(changes(old.get("config") or {}, cell.config))
             raise UsageError(
-                f"{path}: {what}, so its shards would mix inputs; use a new run= name, "
-                "or delete that folder to start the cell over"
+                f"{path}: {what} changed since it was made, so its shards would mix inputs; use a new "
+                "run= name, or on_change=restart to start such cells over"
             )
         if old.get("num_images") != cell.config["num_images"]:
             old["num_images"] = cell.config["num_images"]
@@ -111,13 +104,16 @@ def _append_provenance(run_dir: Path, cells: list[Cell]) -> None:
     import json
 
     from samplebench import provenance
+    from samplebench.plan import locked
 
     path = run_dir / "provenance.json"
-    history = json.loads(path.read_text()) if path.exists() else []
     configs = {str(c.rel_dir): {"config_hash": c.config_hash, "config": c.config} for c in cells}
     seeds = sorted({int(c.config["seed"]) for c in cells})
-    history.append(provenance.record(extra={"stage": "generate", "seeds": seeds, "cells": configs}))
-    store.write_json(path, history)
+    entry = provenance.record(extra={"stage": "generate", "seeds": seeds, "cells": configs})
+    with locked(run_dir):  # several workers append to one run's history
+        history = json.loads(path.read_text()) if path.exists() else []
+        history.append(entry)
+        store.write_json(path, history)
 
 
 def _record_grid(cell_dir: Path, grid: Grid) -> None:
@@ -143,6 +139,26 @@ def _recorded_shard_size(cell_dir: Path, cell: Cell) -> int:
     import json
 
     return int(json.loads((cell_dir / "cell.json").read_text()).get("shard_size", cell.config["shard_size"]))
+
+
+def missing_end(first: int, n: int, size: int) -> int:
+    """Last index of the shard starting at `first`: shards end at multiples of shard_size (or at n)."""
+    return min((first // size + 1) * size, n) - 1
+
+
+def missing_shards(cell_dir: Path, n: int, size: int) -> list[int]:
+    """First indices of the shards a cell of n samples still needs. Shards end at multiples of the
+    cell's shard size; a shard cut short by an earlier, smaller num_images is followed by one that
+    fills its segment up (so a cell grown by less than a shard still completes)."""
+    ends = {first: last for first, last, _ in store.shard_ranges(cell_dir)}
+    todo = []
+    for start in range(0, n, size):
+        pos, end = start, missing_end(start, n, size)
+        while pos in ends and pos <= end:
+            pos = ends[pos] + 1
+        if pos <= end:
+            todo.append(pos)
+    return todo
 
 
 def timing_repeats(cell: Cell, first: int, shard_size: int) -> int:
@@ -385,9 +401,13 @@ def generate(
     worker = worker or f"{os.uname().nodename}-{os.getpid()}"
     if not cells:
         raise UsageError("the sweep has no cells")
-    first = cells[0].config
-    run_dir = Path(first["results_dir"]) / first["run"]
+    from samplebench import plan
+
+    if any("content" not in c.config for c in cells):  # not planned yet (called with config.plan's cells)
+        cells, _ = plan.record(cells, str(cells[0].config.get("on_change", "refuse")))
+    run_dir = plan.run_dir_of(cells[0])
     store.ensure_writable(run_dir)
+    plan.verify_content(cells, run_dir)
     _append_provenance(run_dir, cells)
     steps = {c: steps_for(c) for c in cells}  # every NFE error before any work starts
     ordered = sorted(
@@ -396,11 +416,8 @@ def generate(
     todo = []
     for cell in ordered:
         cell_dir = prepare_cell_dir(run_dir, cell)
-        done = {first for first, _, _ in store.shard_ranges(cell_dir)}
         size, n = _recorded_shard_size(cell_dir, cell), int(cell.config["num_images"])
-        todo.append(
-            (cell, cell_dir, size, [s for s in range(0, n, size) if s not in done], len(range(0, n, size)))
-        )
+        todo.append((cell, cell_dir, size, missing_shards(cell_dir, n, size), len(range(0, n, size))))
     total = sum(len(t[3]) for t in todo)
     skipped = sum(t[4] - len(t[3]) for t in todo)
     written = 0
@@ -432,6 +449,7 @@ def generate(
                 )
                 warmed: set[str] = set()  # samplers this process has warmed up
                 for cell, cell_dir, size, starts, _ in group:
+                    plan.check_resolved(cell_dir, plan.resolved_identity(model, cell))
                     progress.update(task, description=f"{cell.rel_dir}")
                     _record_grid(cell_dir, grid_for(model, cell, steps[cell]))
                     conditions = CellConditions(model, cell.config)
@@ -452,7 +470,7 @@ def generate(
                             progress.advance(task)
                             continue
                         held.append((cell_dir, s))
-                        shard = list(range(s, min(s + size, n)))
+                        shard = list(range(s, missing_end(s, n, size) + 1))
                         cold = warm_up and cell.sampler["name"] not in warmed
                         warmed.add(cell.sampler["name"])
                         batches, timing_calls = make_shard(

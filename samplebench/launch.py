@@ -1,5 +1,6 @@
 """Spreading generation over workers: local processes (`workers=N`) or submitit jobs (`launcher=local`,
-`launcher=slurm`). Workers share nothing but the run folder: each claims shards atomically
+`launcher=slurm`). Workers share nothing but the run folder: each reads the cells the sweep planned from
+<run>/plan.json (never re-planning from override strings) and claims shards atomically
 (store.try_claim), so none is made twice and a dead worker's claim is taken over on a re-run.
 """
 
@@ -11,27 +12,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from samplebench.config import Cell, plan
+from samplebench.config import Cell
 from samplebench.errors import UsageError
 
-_SINGLE = ["launcher=none", "workers=1"]
 
-
-def _worker_overrides(overrides: list[str]) -> list[str]:
-    """The sweep's overrides minus how to launch it: a worker runs its share in-process."""
-    drop = ("launcher", "workers", "worker")
-    return [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] not in drop] + _SINGLE
-
-
-def worker_main(overrides: list[str], worker: str) -> dict[str, Any]:
-    """One worker: plan the same sweep and generate whatever shards are still unclaimed."""
+def worker_main(run_dir: str, invocation: int, worker: str) -> dict[str, Any]:
+    """One worker: generate whatever shards of the planned cells are still unclaimed."""
     from samplebench.generate import generate
+    from samplebench.plan import planned_cells
 
-    summary = generate(plan([*_worker_overrides(overrides), f"worker={worker}"]), worker=worker)
+    cells = planned_cells(Path(run_dir), invocation)
+    summary = generate(cells, worker=worker)
     return {"worker": worker, "written": summary.shards_written, "skipped": summary.shards_skipped}
 
 
-def _local_workers(overrides: list[str], n: int, run_dir: Path) -> list[dict[str, Any]]:
+def _local_workers(run_dir: Path, invocation: int, n: int) -> list[dict[str, Any]]:
     import torch
 
     gpus = torch.cuda.device_count()
@@ -40,15 +35,8 @@ def _local_workers(overrides: list[str], n: int, run_dir: Path) -> list[dict[str
         env = dict(os.environ)
         if gpus >= n:
             env["CUDA_VISIBLE_DEVICES"] = str(k)  # one worker per GPU
-        cmd = [
-            sys.executable,
-            "-m",
-            "samplebench.cli",
-            "generate",
-            *overrides,
-            *_SINGLE,
-            f"worker={run_dir.name}-w{k}",
-        ]
+        cmd = [sys.executable, "-m", "samplebench.cli", "worker", str(run_dir)]
+        cmd += ["--invocation", str(invocation), "--name", f"{run_dir.name}-w{k}"]
         procs.append(
             subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         )
@@ -62,7 +50,7 @@ def _local_workers(overrides: list[str], n: int, run_dir: Path) -> list[dict[str
     return [{"worker": f"w{k}"} for k in range(n)]
 
 
-def _submitit(overrides: list[str], launcher: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+def _submitit(run_dir: Path, invocation: int, launcher: dict[str, Any]) -> list[dict[str, Any]]:
     import submitit
 
     folder = run_dir / "submitit"
@@ -87,7 +75,7 @@ def _submitit(overrides: list[str], launcher: dict[str, Any], run_dir: Path) -> 
         executor.update_parameters(**params)
     n = int(launcher.get("jobs", 1))
     names = [f"{run_dir.name}-job{k}" for k in range(n)]
-    jobs = executor.map_array(worker_main, [overrides] * n, names)
+    jobs = executor.map_array(worker_main, [str(run_dir.resolve())] * n, [invocation] * n, names)
     results = []
     for name, job in zip(names, jobs, strict=True):
         try:
@@ -100,13 +88,14 @@ def _submitit(overrides: list[str], launcher: dict[str, Any], run_dir: Path) -> 
     return results
 
 
-def launch(overrides: list[str], cells: list[Cell]) -> list[dict[str, Any]] | None:
-    """Run generation through the configured launcher; None means 'in this process'."""
+def launch(cells: list[Cell], invocation: int) -> list[dict[str, Any]] | None:
+    """Run generation of a planned invocation through the configured launcher; None means 'in this
+    process'."""
     cfg = cells[0].config
     launcher, workers = cfg.get("launcher") or {"name": "none"}, int(cfg.get("workers", 1))
     run_dir = Path(cfg["results_dir"]) / cfg["run"]
     if launcher["name"] == "none":
-        return None if workers <= 1 else _local_workers(overrides, workers, run_dir)
+        return None if workers <= 1 else _local_workers(run_dir.resolve(), invocation, workers)
     if launcher["name"] in ("local", "slurm"):
-        return _submitit(overrides, launcher, run_dir)
+        return _submitit(run_dir, invocation, launcher)
     raise UsageError(f"launcher={launcher['name']} is unknown; choose none, local or slurm")

@@ -77,4 +77,23 @@ def test_new_weights_under_the_same_model_path_are_refused(tmp_path, sd):
     (cell,) = store.find_cells(tmp_path / "r")
     assert len(cell.shards()) == 1  # the first two images only, from the first weights
     info = json.loads((cell.path / "cell.json").read_text())
-    assert set(info["config"]["content"]) == {"device", "dtype", "prompts", "weights"}
+    assert set(info["config"]["content"]) == {"prompts", "weights"}
+    assert info["resolved"] == {"device": "cpu", "dtype": "float32"}  # what the worker ran it with
+
+
+def test_a_worker_refuses_prompts_edited_after_the_sweep_planned(tmp_path, sd):
+    # A launched worker (a Slurm job, say) starts after the sweep planned; the file changed meanwhile.
+    from samplebench import plan as run_plan
+    from samplebench.config import plan
+    from samplebench.errors import UsageError
+    from samplebench.generate import generate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    overrides = [f"model.path={sd}", "model=sd15", "prompts=file", f"prompts.path={prompts}", "sampler=ddim"]
+    overrides += ["nfe=2", "num_images=2", f"results_dir={tmp_path}", "run=r"]
+    _, invocation = run_plan.record(plan(overrides))
+    prompts.write_text("a green cone\n")
+    with pytest.raises(UsageError, match="prompt file's contents .* changed since the sweep planned"):
+        generate(run_plan.planned_cells(tmp_path / "r", invocation))
+    assert not list((tmp_path / "r").rglob("shard-*.npz"))

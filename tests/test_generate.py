@@ -82,9 +82,20 @@ def test_more_images_extend_a_cell(tmp_path):
     assert list(indices) == list(range(128))
 
 
+def test_a_cell_grown_by_less_than_a_shard_completes(tmp_path):
+    # 40 samples (shards 0-31, 32-39), then 50: the short shard is followed by 40-49, then 70.
+    for n in (40, 50, 70):
+        generate(plan([*_overrides(tmp_path, "part", "sampler=ddim", "nfe=5"), f"num_images={n}"]))
+        (cell,) = store.find_cells(tmp_path / "part")
+        assert cell.complete()
+        ((_, indices),) = _samples(tmp_path, "part").values()
+        assert list(indices) == list(range(n))
+    assert [(a, b) for a, b, _ in cell.shards()] == [(0, 31), (32, 39), (40, 49), (50, 63), (64, 69)]
+
+
 def test_changed_config_in_the_same_run_is_refused(tmp_path):
     generate(plan(_overrides(tmp_path, "x", "sampler=ddim", "nfe=5")))
-    with pytest.raises(UsageError, match="different config"):
+    with pytest.raises(UsageError, match="seed= changed since it was made"):
         generate(plan(_overrides(tmp_path, "x", "sampler=ddim", "nfe=5", "seed=3")))
 
 
