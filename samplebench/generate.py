@@ -116,15 +116,17 @@ def _append_provenance(run_dir: Path, cells: list[Cell]) -> None:
         store.write_json(path, history)
 
 
-def _record_grid(cell_dir: Path, grid: Grid) -> None:
-    """The levels the cell visits and how they end, in cell.json (once the model gives its schedule)."""
+def _record_grid(cell_dir: Path, grid: Grid, condition_kind: str) -> None:
+    """The levels the cell visits and how they end, and what conditions the model takes (text, class,
+    component, none: the metrics stage scores text metrics on text models only), in cell.json."""
     import json
 
     path = cell_dir / "cell.json"
     info = json.loads(path.read_text())
-    if "sigmas" not in info:
+    if "sigmas" not in info or "condition_kind" not in info:
         info["sigmas"] = [float(v) for v in grid.sigmas]
         info["schedule_ends"] = grid.ends
+        info["condition_kind"] = condition_kind
         store.write_json(path, info)
 
 
@@ -451,7 +453,8 @@ def generate(
                 for cell, cell_dir, size, starts, _ in group:
                     plan.check_resolved(cell_dir, plan.resolved_identity(model, cell))
                     progress.update(task, description=f"{cell.rel_dir}")
-                    _record_grid(cell_dir, grid_for(model, cell, steps[cell]))
+                    kind = getattr(model, "condition_kind", "component")
+                    _record_grid(cell_dir, grid_for(model, cell, steps[cell]), kind)
                     conditions = CellConditions(model, cell.config)
                     n = int(cell.config["num_images"])
                     warm_up = bool((cell.config.get("timing") or {}).get("warmup", True))

@@ -128,15 +128,74 @@ class CellRecord:
         return (i["model_label"], solver, int(i["nfe"]), float(i["guidance"]))
 
     def shards(self) -> list[tuple[int, int, Path]]:
-        return shard_ranges(self.path)
+        """The shards holding the cell's first num_images samples (after num_images was lowered, shards
+        beyond it stay on disk for a later, larger run, but are no part of this cell)."""
+        n = int(self.info["num_images"])
+        return [s for s in shard_ranges(self.path) if s[0] < n]
 
     def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
         for _, _, p in self.shards():
             yield read_shard(p)
 
     def complete(self) -> bool:
-        covered = sum(last - first + 1 for first, last, _ in self.shards())
-        return covered >= int(self.info["num_images"])
+        """Every index below num_images lies in a shard (shards never overlap)."""
+        n = int(self.info["num_images"])
+        return sum(min(last, n - 1) - first + 1 for first, last, _ in self.shards()) >= n
+
+    @property
+    def condition_kind(self) -> str:
+        """text, class, component (the analytic model) or none; cells made before it was recorded tell
+        by their prompt ids ('class:207', 'component:3', '' unconditional, anything else a prompt)."""
+        if "condition_kind" in self.info:
+            return str(self.info["condition_kind"])
+        shards = self.shards()
+        ids = read_shard(shards[0][2], ("prompt_ids",)).get("prompt_ids") if shards else None
+        first = str(ids[0]) if ids is not None and len(ids) else ""
+        if first.startswith("class:"):
+            return "class"
+        if first.startswith("component:"):
+            return "component"
+        return "text" if first else "none"
+
+    @property
+    def cell_key(self) -> tuple[str, str, str, int, float]:
+        """(model, sampler, schedule, nfe, guidance) as metrics.csv and timings.csv key a cell."""
+        i = self.info
+        return (
+            i["model_label"],
+            i["sampler_label"],
+            i.get("schedule_label", ""),
+            int(i["nfe"]),
+            float(i["guidance"]),
+        )
+
+
+def frame_keys(df: Any, columns: list[str]) -> Any:
+    """Each row of a results table (pandas) keyed as a tuple of plain values in `columns` (schedule ''
+    for tables from before schedules were an axis), comparable with CellRecord.cell_key."""
+    import pandas as pd
+
+    if "schedule" in columns and "schedule" not in df.columns:
+        df = df.assign(schedule="")
+    cast = {"nfe": int, "guidance": float, "schedule": lambda c: str(c) if pd.notna(c) else ""}
+    cols = [[cast.get(c, str)(v) for v in df[c]] for c in columns]
+    return pd.Series(list(zip(*cols, strict=True)), index=df.index, dtype=object)
+
+
+CELL_KEY_COLUMNS = ["model", "sampler", "schedule", "nfe", "guidance"]
+
+
+def finished_rows(run_dir: Path, df: Any) -> tuple[Any, list[str]]:
+    """The rows of a run's results table whose cell is finished on disk, and the cells dropped (a shard
+    deleted or a cell grown since it was scored). A folder without cells (a merged report's) keeps all."""
+    cells = find_cells(run_dir) if run_dir.is_dir() else []
+    if not cells or df.empty:
+        return df, []
+    finished = {c.cell_key for c in cells if c.complete()}
+    keys = frame_keys(df, CELL_KEY_COLUMNS)
+    keep = keys.isin(finished)
+    gone = sorted({" · ".join(str(x) for x in k if x != "") for k in keys[~keep]})
+    return df[keep], gone
 
 
 def find_cells(run_dir: Path) -> list[CellRecord]:

@@ -266,6 +266,8 @@ class CellScores:
     # Sample index of each per-image value (None: 0..n-1). With non-finite samples excluded, positions
     # are not indices, and paired tests must pair the same images.
     indices: np.ndarray | None = None
+    # One line each: a metric of the cell that could not be computed (its row is NaN), printed by the stage.
+    warnings: list[str] = field(default_factory=list)
 
 
 def score_features(
@@ -363,9 +365,10 @@ def score_image_cell(ctx: ImageContext, cell: store.CellRecord, names: list[str]
     want_inception = any(n in ("fid", "kid", "is", "precision", "recall") for n in names)
     want_clip = any(n in ("clip_score", "clip_score_paper") for n in names)
     pools, logits, cos, rewards, mse, kept = [], [], [], [], [], []
+    n_cell = int(cell.info["num_images"])
     for _, _, path in cell.shards():
         flags = store.read_shard(path, ("finite", "indices"))
-        keep = flags["finite"]
+        keep = flags["finite"] & (flags["indices"] < n_cell)  # the samples n_images counts
         kept.append(flags["indices"][keep])
         if want_inception:
             f = ctx.inception_features(path)

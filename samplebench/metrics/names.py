@@ -13,3 +13,5 @@ IMAGE = (
     "traj_mse",
 )
 ALL = ANALYTIC + IMAGE
+# Scored against each image's own prompt: they apply to text-to-image models only.
+TEXT = ("clip_score", "clip_score_paper", "image_reward")

@@ -15,7 +15,8 @@ from rich.progress import Progress
 from samplebench import store
 from samplebench.errors import UsageError
 from samplebench.metrics import analytic
-from samplebench.metrics.names import ALL, ANALYTIC
+from samplebench.metrics.names import ALL, ANALYTIC, TEXT
+from samplebench.metrics.reference import ReferenceSolveError
 from samplebench.models import load_model
 from samplebench.provenance import git_commit, versions
 from samplebench.report import FILE_KEY_COLUMNS, METRICS_COLUMNS, NONFINITE
@@ -164,71 +165,87 @@ def _score_gmm(
             "interval": f"basic bootstrap over samples, {reps} resamples",
         }
     if "traj_err" in names:
-        errs, floors, kept = [], [], []
-        n = int(cell.info["num_images"])
-        # The exact solve starts where the cell's grid starts (shared by every grid that starts at sigma_max).
-        start = (cell.info.get("sigmas") or [None])[0]
-        if start is not None and abs(start / model.noise_schedule.sigma_max - 1) < 1e-9:
-            start = None
-        for _, _, path in cell.shards():
-            shard = store.read_shard(path, ("samples", "indices", "labels", "finite"))
-            keep = shard["finite"] & (shard["indices"] < n)  # the samples fd_exact and n_images cover
-            kept.append(shard["indices"][keep])
-            ref, floor = analytic.reference_solution(
-                model,
-                info["model"],
-                int(info["seed"]),
-                float(info["guidance"]),
-                shard["indices"],
-                shard["labels"],
-                cache_dir,
-                rtol,
-                start,
-            )
-            errs.append(analytic.per_sample_traj_err(shard["samples"][keep], ref[keep]))
-            floors.append(analytic.per_sample_traj_err(floor[keep], ref[keep]))
-        per = np.concatenate(errs)
-        value, lo, hi = analytic.traj_err(per, reps)
-        out.rows.append(dict(metric="traj_err", value=value, ci_low=lo, ci_high=hi))
-        out.per_image["traj_err"] = per
-        out.indices = np.concatenate(kept)
-        floor = float(np.concatenate(floors).mean())
-        floors_out[f"{cell.info['model_label']} guidance={float(info['guidance']):g}"] = floor
-        out.protocols["traj_err"] = {
-            "definition": "mean over samples of the per-sample RMS distance to the exact probability-flow "
-            "ODE "
-            f"solution (scipy DOP853, rtol=atol={rtol}) from the same x_T and condition",
-            "schedule_floor": f"{floor:.3e} (exact solve to sigma(t=0), then the exact denoiser's jump to 0: "
-            "every sampler on this discrete schedule converges to that point)",
-            "interval": f"percentile bootstrap over samples, {reps} resamples",
-        }
+        try:
+            _traj_err_rows(out, cell, model, info, cache_dir, rtol, reps, floors_out)
+        except ReferenceSolveError as e:
+            nan = float("nan")
+            out.rows.append(dict(metric="traj_err", value=nan, ci_low=nan, ci_high=nan))
+            out.protocols["traj_err"] = {"excluded": f"not computed: {e}"}
+            out.warnings.append(f"traj_err not computed: {e}; the cell's other metrics are")
     return out
 
 
-def _in_keys(df: pd.DataFrame, keys: set[tuple[Any, ...]]) -> pd.Series:
-    """Rows of df whose (model, sampler, schedule, nfe, guidance, metric) is one of `keys`."""
-    if "schedule" not in df.columns:  # a metrics.csv from before schedules were an axis
-        df = df.assign(schedule="")
-    rows = zip(*(df[k] for k in KEY), strict=True)
-    return pd.Series(
-        [(m, s, str(c) if pd.notna(c) else "", int(n), float(g), x) in keys for m, s, c, n, g, x in rows],
-        index=df.index,
-        dtype=bool,
-    )
+def _traj_err_rows(
+    out: Any,
+    cell: store.CellRecord,
+    model: Any,
+    info: dict[str, Any],
+    cache_dir: Path,
+    rtol: float,
+    reps: int,
+    floors_out: dict[str, float],
+) -> None:
+    """traj_err's row, per-sample values and protocol for a cell of the analytic model."""
+    errs, floors, kept = [], [], []
+    n = int(cell.info["num_images"])
+    # The exact solve starts where the cell's grid starts (shared by every grid that starts at sigma_max).
+    start = (cell.info.get("sigmas") or [None])[0]
+    if start is not None and abs(start / model.noise_schedule.sigma_max - 1) < 1e-9:
+        start = None
+    for _, _, path in cell.shards():
+        shard = store.read_shard(path, ("samples", "indices", "labels", "finite"))
+        keep = shard["finite"] & (shard["indices"] < n)  # the samples fd_exact and n_images cover
+        kept.append(shard["indices"][keep])
+        ref, floor = analytic.reference_solution(
+            model,
+            info["model"],
+            int(info["seed"]),
+            float(info["guidance"]),
+            shard["indices"],
+            shard["labels"],
+            cache_dir,
+            rtol,
+            start,
+        )
+        errs.append(analytic.per_sample_traj_err(shard["samples"][keep], ref[keep]))
+        floors.append(analytic.per_sample_traj_err(floor[keep], ref[keep]))
+    per = np.concatenate(errs)
+    value, lo, hi = analytic.traj_err(per, reps)
+    out.rows.append(dict(metric="traj_err", value=value, ci_low=lo, ci_high=hi))
+    out.per_image["traj_err"] = per
+    out.indices = np.concatenate(kept)
+    floor = float(np.concatenate(floors).mean())
+    floors_out[f"{cell.info['model_label']} guidance={float(info['guidance']):g}"] = floor
+    out.protocols["traj_err"] = {
+        "definition": "mean over samples of the per-sample RMS distance to the exact probability-flow "
+        "ODE "
+        f"solution (scipy DOP853, rtol=atol={rtol}) from the same x_T and condition",
+        "schedule_floor": f"{floor:.3e} (exact solve to sigma(t=0), then the exact denoiser's jump to 0: "
+        "every sampler on this discrete schedule converges to that point)",
+        "interval": f"percentile bootstrap over samples, {reps} resamples",
+    }
 
 
-def _merge_csv(
-    path: Path, new: pd.DataFrame, key: list[str], replaced: set[tuple[Any, ...]] | None = None
-) -> pd.DataFrame:
-    """Old rows with new rows of the same key replaced; old rows whose KEY is in `replaced` are dropped."""
+def _merge_csv(path: Path, new: pd.DataFrame, key: list[str], keep_old) -> pd.DataFrame:
+    """Old rows that `keep_old` (a function of the old frame -> bool Series) keeps, with new rows of the
+    same key replacing them."""
     if path.exists():
         old = pd.read_csv(path)
-        if replaced:
-            old = old[~_in_keys(old, replaced)]
+        old = old[keep_old(old)] if len(old) else old
         new = pd.concat([old, new]).drop_duplicates(subset=key, keep="last")
     new = new.sort_values(key).reset_index(drop=True)
     store.atomic_write_text(path, new.to_csv(index=False))
     return new
+
+
+def _stale_cells(path: Path, finished: set[tuple[Any, ...]]) -> list[str]:
+    """Cells with rows in an old metrics.csv that are no longer finished on disk (a shard deleted, a cell
+    folder removed or grown): their rows are dropped, never reported as if still measured."""
+    if not path.exists():
+        return []
+    old = pd.read_csv(path)
+    gone = sorted(set(store.frame_keys(old, CELL_KEY)) - finished) if len(old) else []
+    return [" · ".join(str(x) for x in k if x != "") for k in gone]
 
 
 def paired_comparisons(per_image: pd.DataFrame, reps: int = 2000) -> pd.DataFrame:
@@ -310,6 +327,7 @@ def compute_metrics(
     scored_cells: set[tuple[Any, ...]] = set()  # (model, sampler, nfe, guidance) scored in this pass
     scored: set[tuple[Any, ...]] = set()  # the same with each metric requested for the cell
     nonfinite: list[str] = []  # their folders, for cells with non-finite samples
+    excluded: list[str] = []  # metrics of a cell that could not be computed, with why
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("metrics", total=len(finished))
         for cell in finished:
@@ -318,6 +336,8 @@ def compute_metrics(
             timings.append(timing)
             gmm = cfg["model"]["name"] == "gmm"
             wanted = [n for n in names if (n in ANALYTIC) == gmm]
+            if cell.condition_kind != "text":  # no prompt to score an image against
+                wanted = [n for n in wanted if n not in TEXT]
             finite = finite_flags(cell)
             n_total, n_ok = len(finite), int(finite.sum())
             if n_ok < MIN_FINITE:
@@ -345,6 +365,12 @@ def compute_metrics(
             scored_cells.add(cell_key)
             scored.update((*cell_key, name) for name in wanted)
             cell_rows = [{**base, **r} for r in scores.rows]
+            for line in scores.warnings:
+                rel = str(cell.path.relative_to(run_dir))
+                excluded.append(f"{rel}: {line}")
+                console.print(
+                    f"[yellow]warning:[/] {escape(rel)}: {escape(line)}", highlight=False, soft_wrap=True
+                )
             if n_ok < n_total:
                 rel = str(cell.path.relative_to(run_dir))
                 nonfinite.append(rel)
@@ -386,26 +412,39 @@ def compute_metrics(
                     )
                 )
             progress.advance(task)
-    if timings:
+    finished_keys = {c.cell_key for c in finished}
+    stale = _stale_cells(run_dir / "metrics.csv", finished_keys)
+    cell_cols = ["model", "sampler", "schedule", "nfe", "guidance"]
+    if timings or (run_dir / "timings.csv").exists():
         _merge_csv(
             run_dir / "timings.csv",
-            pd.DataFrame(timings),
-            ["model", "sampler", "schedule", "nfe", "guidance"],
+            pd.DataFrame(timings, columns=list(timings[0]) if timings else cell_cols),
+            cell_cols,
+            lambda old: store.frame_keys(old, cell_cols).isin(finished_keys),
         )
     # A cell scored again keeps no non-finite row from an earlier pass unless it still has some.
     merged = _merge_csv(
         run_dir / "metrics.csv",
         pd.DataFrame(rows, columns=COLUMNS),
         KEY,
-        {(*cell, NONFINITE) for cell in scored_cells},
+        lambda old: (
+            store.frame_keys(old, CELL_KEY).isin(finished_keys)
+            & ~((old["metric"] == NONFINITE) & store.frame_keys(old, CELL_KEY).isin(scored_cells))
+        ),
     )
     pi_path = run_dir / "per_image.parquet"
     parts = list(per_image_rows)
     if pi_path.exists():
-        # A cell's per-image values of a metric scored again replace the old ones as a whole: images now
-        # excluded as non-finite (or a cell with none finite) must not keep values from an earlier pass.
+        # A cell's per-image values of a metric scored again replace the old ones as a whole (images now
+        # excluded as non-finite must not keep values from an earlier pass); cells no longer finished go.
+        # per_image's `sampler` is the solver label (sampler · schedule), as paired tests compare solvers.
         old_pi = pd.read_parquet(pi_path)
-        parts.insert(0, old_pi[~_in_keys(old_pi, scored)])
+        solver = ["model", "sampler", "nfe", "guidance"]
+        as_solver = {(m, store.solver_label(s, c), n, g) for m, s, c, n, g in finished_keys}
+        rescored = {(m, store.solver_label(s, c), n, g, x) for m, s, c, n, g, x in scored}
+        keep = store.frame_keys(old_pi, solver).isin(as_solver)
+        keep &= ~store.frame_keys(old_pi, [*solver, "metric"]).isin(rescored)
+        parts.insert(0, old_pi[keep])
     if parts:
         per_image = pd.concat(parts)
         buf = __import__("io").BytesIO()
@@ -415,10 +454,18 @@ def compute_metrics(
         paired_key = ["model", "nfe", "guidance", "metric", "sampler_a", "sampler_b"]
         paired = paired_comparisons(per_image).sort_values(paired_key).reset_index(drop=True)
         store.atomic_write_text(run_dir / "paired.csv", paired.to_csv(index=False))
+    if stale:
+        console.print(
+            f"[yellow]warning:[/] dropped the metric rows of {len(stale)} cells no longer finished on disk "
+            f"(shards deleted or cells grown): {escape('; '.join(stale))}; re-run generate to finish them",
+            highlight=False,
+            soft_wrap=True,
+        )
+    kept_rows = {"|".join(str(r[c]) for c in KEY) for r in merged.to_dict("records")}
     sidecar_path = run_dir / "metrics.protocol.json"
     old = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else {}
     protocol = {
-        "rows": {**old.get("rows", {}), **row_protocols},
+        "rows": {k: v for k, v in {**old.get("rows", {}), **row_protocols}.items() if k in kept_rows},
         "traj_err_floor": {**old.get("traj_err_floor", {}), **floors},
         "nfe": "model evaluations per sample, counted outside guidance",
         "sec_per_image": "sampling plus decoding wall time per sample, device-synchronised: the median over "

@@ -73,10 +73,20 @@ def print_timings(df: pd.DataFrame, console: Console) -> None:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def _merged_csv(run_dirs: list[Path], name: str, key: list[str]) -> pd.DataFrame | None:
+def _merged_csv(
+    run_dirs: list[Path], name: str, key: list[str], stale: set[str] | None = None
+) -> pd.DataFrame | None:
     """One table from several runs, as written (sampler and schedule apart); a later run's row
-    replaces an earlier run's row for the same key."""
-    frames = [pd.read_csv(d / name) for d in run_dirs if (d / name).exists()]
+    replaces an earlier run's row for the same key. With `stale`, rows of cells no longer finished on
+    disk (a shard deleted since scoring) are left out and their cells added to `stale`."""
+    frames = []
+    for d in run_dirs:
+        if (d / name).exists():
+            frame = pd.read_csv(d / name)
+            if stale is not None:
+                frame, gone = store.finished_rows(d, frame)
+                stale.update(f"{d.name}: {g}" for g in gone)
+            frames.append(frame)
     frames = [f for f in frames if not f.empty]
     if not frames:
         return None
@@ -101,6 +111,33 @@ def _protocol(run_dirs: list[Path]) -> dict[str, Any]:
     return merged
 
 
+def not_computed(run_dirs: list[Path], df: pd.DataFrame | None) -> list[str]:
+    """One line per metric the metrics stage skipped (metrics.on_missing=skip) or could not compute for a
+    cell (its row is NaN), with the reason it recorded in metrics.protocol.json."""
+    lines: list[str] = []
+    nan_keys = set()
+    if df is not None and not df.empty:
+        rows = df[df["value"].isna()]
+        nan_keys = {
+            "|".join(str(r[k]) for k in ("model", "sampler", "schedule", "nfe", "guidance", "metric"))
+            for _, r in rows.assign(schedule=rows.get("schedule", "")).iterrows()
+        }
+    for d in run_dirs:
+        path = d / "metrics.protocol.json"
+        if not path.exists():
+            continue
+        protocol = json.loads(path.read_text())
+        for metric, reason in sorted((protocol.get("skipped") or {}).items()):
+            lines.append(f"{metric}: skipped in run {d.name} (metrics.on_missing=skip): {reason}")
+        for key, proto in sorted((protocol.get("rows") or {}).items()):
+            if key in nan_keys and proto.get("excluded"):
+                model, sampler, schedule, nfe, guidance, metric = key.split("|")
+                where = " · ".join(x for x in (model, sampler, schedule) if x and x != "nan")
+                cell = f"{where} · NFE {nfe} · guidance {float(guidance):g}"
+                lines.append(f"{metric} of {cell}: {proto['excluded']}")
+    return lines
+
+
 def output_dir(run_dirs: list[Path]) -> Path:
     """A run's own folder, or results/<a+b> for a merged report."""
     if len(run_dirs) == 1:
@@ -119,17 +156,26 @@ def build_report(run_dirs: Path | list[Path], console: Console) -> list[Path]:
     out = output_dir(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    timings = _merged_csv(run_dirs, "timings.csv", _file_key(run_dirs, "timings.csv"))
+    stale: set[str] = set()
+    timings = _merged_csv(run_dirs, "timings.csv", _file_key(run_dirs, "timings.csv"), stale)
     if timings is not None:
         if len(run_dirs) > 1:
             store.atomic_write_text(out / "timings.csv", timings.to_csv(index=False))
         timings = solver_frame(timings)
         print_timings(timings, console)
         files.append(out / "timings.csv")
-    df = _merged_csv(run_dirs, "metrics.csv", [*_file_key(run_dirs, "metrics.csv"), "metric"])
+    df = _merged_csv(run_dirs, "metrics.csv", [*_file_key(run_dirs, "metrics.csv"), "metric"], stale)
+    if stale:
+        console.print(
+            f"left out the rows of {len(stale)} cells no longer finished on disk (a shard deleted since "
+            f"they were scored): {'; '.join(sorted(stale))}; re-run generate and metrics to restore them",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     if df is not None and len(run_dirs) > 1:
         store.atomic_write_text(out / "metrics.csv", df.to_csv(index=False))
-    df = None if df is None else solver_frame(df)
+    raw, df = df, None if df is None else solver_frame(df)
     paired = _merged_csv(
         run_dirs, "paired.csv", ["model", "nfe", "guidance", "metric", "sampler_a", "sampler_b"]
     )
@@ -144,6 +190,9 @@ def build_report(run_dirs: Path | list[Path], console: Console) -> list[Path]:
         if not excluded.empty:
             console.print(nonfinite_rich(excluded))
         best = best_per_budget(df)
+        missing = not_computed(run_dirs, raw)
+        for line in missing:
+            console.print(f"not computed: {line}", markup=False, highlight=False, soft_wrap=True)
         md = out / "leaderboard.md"
         store.atomic_write_text(
             md,
@@ -153,6 +202,7 @@ def build_report(run_dirs: Path | list[Path], console: Console) -> list[Path]:
             + nonfinite_markdown(excluded)
             + ("\n" if not excluded.empty else "")
             + best_per_budget_markdown(best)
+            + ("\n## Not computed\n\n" + "".join(f"- {line}\n" for line in missing) if missing else "")
             + "\n"
             + " ".join(time_axis_notes(df["model"].astype(str)))
             + "\n",
@@ -160,7 +210,9 @@ def build_report(run_dirs: Path | list[Path], console: Console) -> list[Path]:
         store.atomic_write_text(out / "leaderboard.csv", leaderboard_csv(boards).to_csv(index=False))
         store.atomic_write_text(out / "best_per_budget.csv", best.to_csv(index=False))
         files += [md, out / "leaderboard.csv", out / "best_per_budget.csv"]
-        leaderboard_html = render_html(boards) + nonfinite_html(excluded) + _best_html(best)
+        leaderboard_html = (
+            render_html(boards) + nonfinite_html(excluded) + _best_html(best) + _not_computed_html(missing)
+        )
         plot_dir = out / "plots"
         plot_dir.mkdir(exist_ok=True)
         for metric in sorted(quality_rows(df)["metric"].unique()):
@@ -168,6 +220,15 @@ def build_report(run_dirs: Path | list[Path], console: Console) -> list[Path]:
         files += figures.get("Pareto plots", [])
     files += _grids_and_page(run_dirs, out, figures, leaderboard_html, timings)
     return files
+
+
+def _not_computed_html(lines: list[str]) -> str:
+    import html
+
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return f"<h3>Not computed</h3><ul>{items}</ul>"
 
 
 def _best_html(best: pd.DataFrame) -> str:

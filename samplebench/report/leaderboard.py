@@ -40,6 +40,8 @@ PARTIAL_LEGEND = (
     "not ranked."
 )
 NONFINITE_LEGEND = f"{NONFINITE_TEXT} = (almost) every sample was NaN or inf: no value."
+UNCOMPUTED_TEXT = "not computed"
+UNCOMPUTED_LEGEND = f"{UNCOMPUTED_TEXT} = the metric could not be computed for this cell (see Not computed)."
 
 BoardKey = tuple[str, str, float]
 
@@ -63,6 +65,8 @@ class Leaderboard:
     ties: dict[Any, frozenset[str]]
     # (sampler, nfe) -> share of that cell's samples that were non-finite; such cells are never ranked.
     nonfinite: dict[tuple[str, Any], float] = field(default_factory=dict)
+    # (sampler, nfe) cells scored without a value (e.g. no exact reference could be solved): not "not run".
+    uncomputed: frozenset[tuple[str, Any]] = frozenset()
 
     @property
     def lower_is_better(self) -> bool:
@@ -168,8 +172,20 @@ def leaderboard_tables(df: pd.DataFrame, paired: pd.DataFrame | None = None) -> 
                 extra = _paired_ties(paired, str(model), str(metric), float(guidance), nfe, best[nfe])
                 ties[nfe] = frozenset(ties[nfe] | (extra & set(ranked.dropna().index)))
         key = (str(model), str(metric), float(guidance))
+        uncomputed = frozenset(
+            (str(s), _scalar(n))
+            for s, n, v in zip(group["sampler"], group["nfe"], group["value"], strict=True)
+            if pd.isna(v) and (s, _scalar(n)) not in nonfinite
+        )
         boards[key] = Leaderboard(
-            *key, values=values, ci_low=low, ci_high=high, best=best, ties=ties, nonfinite=nonfinite
+            *key,
+            values=values,
+            ci_low=low,
+            ci_high=high,
+            best=best,
+            ties=ties,
+            nonfinite=nonfinite,
+            uncomputed=uncomputed,
         )
     return boards
 
@@ -198,7 +214,9 @@ def _cell_text(board: Leaderboard, sampler: str, nfe: Any) -> str | None:
     value = board.values.at[sampler, nfe]
     excluded = (sampler, nfe) in board.nonfinite
     if math.isnan(value):
-        return NONFINITE_TEXT if excluded else None
+        if excluded:
+            return NONFINITE_TEXT
+        return UNCOMPUTED_TEXT if (sampler, nfe) in board.uncomputed else None
     mark = f" {PARTIAL_MARK}" if excluded else ""
     low, high = board.ci_low.at[sampler, nfe], board.ci_high.at[sampler, nfe]
     if math.isnan(low) and math.isnan(high):
@@ -214,7 +232,9 @@ def _nonfinite_legend(board: Leaderboard) -> str:
 
 
 def _legend(board: Leaderboard) -> str:
-    return f"{LEGEND} {_nonfinite_legend(board)}" if board.nonfinite else LEGEND
+    extra = [_nonfinite_legend(board)] if board.nonfinite else []
+    extra += [UNCOMPUTED_LEGEND] if board.uncomputed else []
+    return " ".join([LEGEND, *extra])
 
 
 def _boards(boards: Mapping[Any, Leaderboard] | Iterable[Leaderboard]) -> list[Leaderboard]:
@@ -262,6 +282,8 @@ def rich_table(board: Leaderboard) -> Table:
     )
     if board.nonfinite:
         caption += f"; {_nonfinite_legend(board)}"
+    if board.uncomputed:
+        caption += f"; {UNCOMPUTED_LEGEND}"
     table = Table(title=board.heading, caption=caption)
     table.add_column("sampler", style="cyan", no_wrap=True)
     nfes = list(board.values.columns)
