@@ -6,6 +6,7 @@ The reference for convergence is scipy's DOP853 solution of the exact probabilit
 """
 
 import inspect
+import itertools
 
 import diffusers
 import numpy as np
@@ -49,7 +50,18 @@ def schedule_cfg(name):
     return {k: v for k, v in cfg.items()}
 
 
-def run(gmm, name, nfe, indices, guidance=1.0, opts=None, allow_lower=False, schedule="karras", record=False):
+def run(
+    gmm,
+    name,
+    nfe,
+    indices,
+    guidance=1.0,
+    opts=None,
+    allow_lower=False,
+    schedule="karras",
+    record=False,
+    sampler_seed=0,
+):
     spec = SAMPLERS[name]
     opts = options(name) if opts is None else opts
     sched = schedule_cfg(schedule) if isinstance(schedule, str) else schedule
@@ -59,7 +71,7 @@ def run(gmm, name, nfe, indices, guidance=1.0, opts=None, allow_lower=False, sch
     steps = spec.rule(opts, sched).steps(nfe, name, allow_lower)
     grid = make_grid(sched, gmm.noise_schedule, steps)
     x = gmm.noise_schedule.initial_state(x_T, float(grid.sigmas[0]))
-    out = spec.run(counter, x, grid, opts, sampler_generators(0, indices))
+    out = spec.run(counter, x, grid, opts, sampler_generators(sampler_seed, indices))
     return (out, counter.calls, counter, grid, x) if record else (out, counter.calls)
 
 
@@ -95,8 +107,127 @@ def test_native_and_diffusers_names_never_collide():
         assert (spec.family == "diffusers") == name.startswith("diffusers:"), name
 
 
+# Values an option is tried at when SamplerSpec.choices does not list them (the diffusers entries'
+# constructor arguments, keyed by option and conf default); bools are tried at both values and floats
+# (eta, s_noise) at 0, 0.5 and 1. variance_type's "_log" forms are left out: they are the same
+# variances computed through a log, equal to round-off.
+OPTION_VALUES = {
+    ("solver_order", 2): (1, 2, 3),
+    ("order", 4): (1, 2, 3, 4),
+    ("solver_type", "midpoint"): ("midpoint", "heun"),
+    ("solver_type", "bh2"): ("bh1", "bh2"),
+    ("variance_type", "fixed_small"): ("fixed_small", "fixed_large"),
+}
+SIGMA_MIN = {"final_sigmas_type": "sigma_min"}
+# (sampler, option) -> (other options, schedule, NFE, why): where an option acts only away from the conf
+# defaults, it is shown to act where it does, and the reason it does nothing at the defaults is given.
+OPTION_SETTINGS = {
+    ("dpm", "lower_order_final"): (
+        {"order": 3},
+        "karras",
+        10,
+        "at order 2 it lowers only the last step, which goes to sigma = 0 and is first-order anyway",
+    ),
+    ("unipc", "lower_order_final"): (
+        {"order": 3},
+        "karras",
+        10,
+        "at order 2 it lowers only the last step, which goes to sigma = 0 and is first-order anyway",
+    ),
+    ("diffusers:deis", "lower_order_final"): (
+        {"solver_order": 3},
+        "karras",
+        10,
+        "at order 2 it lowers only the last step, which on karras is the zero-length step from sigma_min "
+        "to sigma_min that the adapter does not take (it denoises there instead)",
+    ),
+    ("diffusers:dpm", "lower_order_final"): (
+        {"solver_order": 3},
+        "karras",
+        10,
+        "as for diffusers:deis (final_sigmas_type=sigma_min is fixed for this entry)",
+    ),
+    ("diffusers:dpm", "euler_at_final"): (
+        {"lower_order_final": False},
+        "linspace",
+        10,
+        "it changes only the last step: on karras that is the skipped zero-length step, and with "
+        "lower_order_final below 15 steps the last step is first-order already",
+    ),
+    **{
+        (name, "euler_at_final"): (
+            {**SIGMA_MIN, "lower_order_final": False},
+            "linspace",
+            10,
+            "DPMSolverMultistepScheduler takes its last step first-order whenever final_sigmas_type='zero' "
+            "(this entry's default); with sigma_min it acts on linspace, whose last step is not zero-length",
+        )
+        for name in ("diffusers:dpmpp", "diffusers:dpmpp_3m", "diffusers:dpmpp_sde")
+    },
+    **{
+        (name, "lower_order_final"): (
+            SIGMA_MIN,
+            "linspace",
+            10,
+            "at order 2 it lowers only the last step, which is first-order whenever final_sigmas_type='zero' "
+            "(this entry's default)",
+        )
+        for name in ("diffusers:dpmpp", "diffusers:dpmpp_sde")
+    },
+    ("diffusers:dpmpp_2s", "lower_order_final"): (
+        SIGMA_MIN,
+        "trailing",
+        11,
+        "DPMSolverSinglestepScheduler sets it back to true when final_sigmas_type='zero' (the default) or "
+        "the step count is odd, and otherwise it lowers only the last step, zero-length on karras and "
+        "linspace; trailing at 10 steps (11 evaluations with the one that denoises at sigma_min) it acts",
+    ),
+    ("diffusers:unipc", "solver_type"): (
+        SIGMA_MIN,
+        "karras",
+        10,
+        "bh1 with final_sigmas_type='zero' gives NaN in diffusers (test_sampler_references.UNIPC_BH1)",
+    ),
+    ("diffusers:unipc", "lower_order_final"): (
+        {**SIGMA_MIN, "solver_order": 3},
+        "karras",
+        10,
+        "with final_sigmas_type='zero' turning it off puts a higher-order step on h = inf (inf samples, or a "
+        "singular solve at order 3); at order 2 it lowers only the skipped zero-length last step",
+    ),
+}
+# (sampler, option) -> why it cannot change anything at any setting the registry allows.
+NO_EFFECT = {
+    ("dpmpp", "lower_order_final"): (
+        "DPM-Solver++(2M) is registered at order 2, where lower_order_final lowers only the last step, "
+        "which goes to sigma = 0 and is D itself at any order (the key is shared with dpmpp_3m, where "
+        "it acts)"
+    ),
+}
+# A used option moves the samples by >= 6.7e-4 of their scale on this model (the smallest: UniPC's
+# corrector on karras; then set_alpha_to_one, 7.6e-4); an ignored one leaves them bitwise equal (same
+# code, no randomness beyond the seeded generators), and float32 round-off in diffusers is ~3e-7.
+OPTION_EFFECT = 1e-4
+
+
+def option_values(name, key, default):
+    spec = SAMPLERS[name]
+    if key in spec.choices:
+        return spec.choices[key]
+    if isinstance(default, bool):
+        return (False, True)
+    if isinstance(default, float):
+        return (0.0, 0.5, 1.0)
+    assert (key, default) in OPTION_VALUES, f"{name}: no values to try for sampler.{key}; add them above"
+    return OPTION_VALUES[key, default]
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_options_are_real_arguments(name):
+def test_options_are_real_arguments(gmm, name):
+    """Every key of conf/sampler/<name>.yaml reaches the algorithm: each value it is tried at (its
+    SamplerSpec.choices, or OPTION_VALUES) gives other samples, or another counted NFE, than every
+    other value, on the analytic model; OPTION_SETTINGS names the settings where an option acts only
+    away from the conf defaults, and NO_EFFECT the options that cannot act, each with the reason."""
     run_fn = SAMPLERS[name].run
     keywords = getattr(run_fn, "keywords", None)
     if keywords is None:  # native: the options are keyword arguments of the sampling function
@@ -105,6 +236,29 @@ def test_options_are_real_arguments(name):
         cls = getattr(diffusers, keywords["class_name"])
         accepted = set(inspect.signature(cls.__init__).parameters) | set(SAMPLERS[name].step_options)
     assert set(options(name)) <= accepted
+    idx = list(range(8))
+    for key, default in options(name).items():
+        values = option_values(name, key, default)
+        assert default in values, (name, key, default, values)
+        other, schedule, target, why = OPTION_SETTINGS.get((name, key), ({}, "karras", 10, ""))
+        results = []
+        for value in values:
+            opts = {**options(name), **other, key: value}
+            out, calls = run(
+                gmm, name, _feasible(name, target, schedule, opts), idx, opts=opts, schedule=schedule
+            )
+            assert torch.isfinite(out).all(), f"{name} with {key}={value}: non-finite samples"
+            results.append((value, out, calls))
+        for (a, out_a, calls_a), (b, out_b, calls_b) in itertools.combinations(results, 2):
+            change = float((out_a - out_b).abs().max() / out_b.abs().max())
+            if (name, key) in NO_EFFECT:
+                assert change == 0 and calls_a == calls_b, f"{name}.{key}: {NO_EFFECT[name, key]}"
+                continue
+            assert calls_a != calls_b or change > OPTION_EFFECT, (
+                f"{name}: sampler.{key}={a} and {key}={b} give the same samples ({change:.1e} apart) and "
+                f"NFE ({calls_a}) on {schedule} with {other or 'the conf defaults'}"
+                + (f" (set there because {why})" if why else "")
+            )
 
 
 def _feasible(name, target, schedule="karras", opts=None):
