@@ -24,6 +24,7 @@ from samplebench.seeds import initial_noise, sampler_generators
 
 ODE = [n for n, s in SAMPLERS.items() if s.kind == "ode"]
 NATIVE_ODE = [n for n in ODE if SAMPLERS[n].family == "native"]
+SDE = [n for n, s in SAMPLERS.items() if s.kind == "sde"]
 N = 96
 # Schedules a contract runs on; custom and ays need their own options or published lists.
 GRID_SCHEDULES = [
@@ -340,11 +341,67 @@ def test_samples_do_not_depend_on_batch_composition(gmm, name):
     torch.testing.assert_close(alone, together[[0, 5, 7]], rtol=1e-10, atol=1e-10)
 
 
-def test_stochastic_samplers_are_stochastic(gmm):
-    a, _ = run(gmm, "euler_a", 10, [0, 1])
-    b, _ = run(gmm, "euler", 10, [0, 1])
-    assert not torch.allclose(a, b)
-    assert np.isfinite(a.numpy()).all()
+@pytest.mark.parametrize("name", SDE)
+def test_stochastic_samplers_are_stochastic(gmm, name):
+    """The sampler's own noise, from the same x_T: the same sampler seed gives the same samples
+    bitwise, and another sampler seed moves every sample by far more than round-off (the noise
+    injected along the way, not x_T, is what differs). Its size is pinned by
+    test_euler_ancestral_injects_k_diffusions_noise (euler_a) and test_sampler_references (the others)."""
+    idx = list(range(8))
+    schedule = "karras" if takes(name, "karras") else "linspace"
+    nfe = _feasible(name, 10, schedule)
+    a, _ = run(gmm, name, nfe, idx, schedule=schedule, sampler_seed=0)
+    again, _ = run(gmm, name, nfe, idx, schedule=schedule, sampler_seed=0)
+    other, _ = run(gmm, name, nfe, idx, schedule=schedule, sampler_seed=1)
+    assert torch.isfinite(a).all() and torch.isfinite(other).all()
+    assert torch.equal(a, again)
+    # Per sample: at eta = 1 the injected noise moves a sample by O(1) of its scale (0.17 at the least
+    # here); round-off, the only thing a sampler that ignored its generators could differ by, is 1e-15.
+    moved = (a - other).abs().amax(1) / a.abs().amax(1)
+    assert (moved > 1e-2).all(), f"{name}: samples the sampler seed does not move: {moved}"
+
+
+def ancestral_reference(gmm, sigmas, indices, sampler_seed, eta, s_noise, noise_scale=1.0):
+    """Float64 transcription of k-diffusion 0.1.1's sample_euler_ancestral with get_ancestral_step
+    (k_diffusion/sampling.py): an Euler step to sigma_down, then noise of std sigma_up, with
+    sigma_up = min(sigma', eta sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2)), sigma_down^2 + sigma_up^2 =
+    sigma'^2, and no noise on the step to 0. Its noise is drawn per sample from the registry's sampler
+    generators (float64 standard normal, one draw per noisy step), the stream euler_a is given."""
+    x_T = initial_noise(0, indices, gmm.sample_shape, torch.float64, gmm.device)
+    labels = gmm.conditions(indices, 0)
+    s = [float(v) for v in sigmas]
+    x = x_T * (1 + s[0] ** 2) ** 0.5
+    generators = sampler_generators(sampler_seed, indices)
+    for sigma, nxt in zip(s, s[1:], strict=False):
+        denoised = gmm.denoise(x, torch.full((len(indices),), sigma, dtype=torch.float64), labels)
+        up = min(nxt, eta * (nxt**2 * (sigma**2 - nxt**2) / sigma**2) ** 0.5) if eta else 0.0
+        down = (nxt**2 - up**2) ** 0.5
+        x = x + (x - denoised) / sigma * (down - sigma)
+        if nxt > 0:
+            z = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64) for g in generators])
+            x = x + z * s_noise * up * noise_scale
+    return x
+
+
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.5)])
+def test_euler_ancestral_injects_k_diffusions_noise(gmm, eta, s_noise):
+    """Reference: ancestral_reference, a float64 transcription of k-diffusion's sample_euler_ancestral
+    and get_ancestral_step, with the same noise draws: euler_a equals it to float64 round-off, so its
+    noise has the reference's size sigma_up * s_noise at every step (the transcription with its noise
+    scaled by 0.99 is more than 1e6 times the tolerance away)."""
+    idx = list(range(8))
+    opts = {"eta": eta, "s_noise": s_noise}
+    out, calls, _, grid, _ = run(gmm, "euler_a", 10, idx, opts=opts, sampler_seed=3, record=True)
+    ref = ancestral_reference(gmm, grid.sigmas, idx, 3, eta, s_noise)
+    # The same float64 operations in the same order (bitwise equal here); 1e-12 of the sample scale
+    # leaves room for a re-associated sum (a few ulps per step over 10 steps, ~1e-15), while an error
+    # of 1% in the noise size is ~1e-3 of the scale.
+    rtol = 1e-12
+    assert calls == 10
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert err <= rtol, f"euler_a is {err:.2e} of the sample scale from the k-diffusion transcription"
+    off = ancestral_reference(gmm, grid.sigmas, idx, 3, eta, s_noise, noise_scale=0.99)
+    assert float((out - off).abs().max() / ref.abs().max()) > 1e6 * rtol
 
 
 def test_visited_subschedule_fixes_ddim_when_steps_do_not_divide_1000(gmm, reference):
