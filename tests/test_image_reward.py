@@ -126,31 +126,42 @@ def _scorer(reference: dict[str, Any], tiny_files: dict[str, Path], **kw: Any) -
 FIXTURE = Path(__file__).parent / "fixtures" / "image_reward"
 
 
-def test_scores_equal_recorded_reference_scores(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The committed fixture: the checkpoint unpacked (it is gzipped in the repository), its metadata."""
+    meta = json.loads((FIXTURE / "reference.json").read_text())
+    checkpoint = tmp_path_factory.mktemp("image_reward_fixture") / "ImageReward.pt"
+    checkpoint.write_bytes(gzip.decompress((FIXTURE / "ImageReward.pt.gz").read_bytes()))
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == meta["checkpoint_sha256"]
+    return {**meta, "checkpoint": checkpoint}
+
+
+def _recorded_scorer(recorded: dict[str, Any], **kw: Any) -> ir.ImageRewardScorer:
+    kw = {
+        "med_config": FIXTURE / "med_config.json",
+        "tokenizer": FIXTURE / "vocab.txt",
+        "image_size": recorded["image_size"],
+        "batch_size": 4,
+        **recorded["vit"],
+        **kw,
+    }
+    return ir.ImageRewardScorer(recorded["checkpoint"], **kw)
+
+
+def test_scores_equal_recorded_reference_scores(recorded: dict[str, Any]) -> None:
     """Reference: image-reward 1.5's ImageReward.score(prompt, PIL image) (THUDM/ImageReward), recorded in
     tests/fixtures/image_reward/reference.json by tests/fixtures/make_image_reward_reference.py on the
     committed checkpoint, images and prompts; needs neither the network nor the reference package. The
     checkpoint (the official ImageReward.pt layout, gzipped to keep the fixture small) is unpacked and
     loaded through ImageRewardScorer as a user's would be, and every image is scored against every prompt.
     """
-    meta = json.loads((FIXTURE / "reference.json").read_text())
-    checkpoint = tmp_path / "ImageReward.pt"
-    checkpoint.write_bytes(gzip.decompress((FIXTURE / "ImageReward.pt.gz").read_bytes()))
-    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == meta["checkpoint_sha256"]
-    scorer = ir.ImageRewardScorer(
-        checkpoint,
-        med_config=FIXTURE / "med_config.json",
-        tokenizer=FIXTURE / "vocab.txt",
-        image_size=meta["image_size"],
-        batch_size=4,
-        **meta["vit"],
-    )
+    scorer = _recorded_scorer(recorded)
     images = np.load(FIXTURE / "images.npz")
-    recorded = [np.array(group) for group in meta["scores"]]
-    assert len(images.files) == len(recorded)
-    for g, ref in enumerate(recorded):
+    scores = [np.array(group) for group in recorded["scores"]]
+    assert len(images.files) == len(scores)
+    for g, ref in enumerate(scores):
         group = images[f"group{g}"]
-        for j, prompt in enumerate(meta["prompts"]):
+        for j, prompt in enumerate(recorded["prompts"]):
             ours = scorer(group, [prompt] * len(group))
             # float32 throughout, in both. Batching, CPU and BLAS kernel change the order of the network's
             # sums (<= 1024 terms, ~20 layers): that moves a score of size <= 3 by a few float32 ulps
@@ -160,7 +171,7 @@ def test_scores_equal_recorded_reference_scores(tmp_path: Path) -> None:
             np.testing.assert_allclose(
                 ours, ref[:, j], rtol=0, atol=TOLERANCE, err_msg=f"group {g}: {prompt}"
             )
-    assert np.ptp(np.concatenate(recorded)) > 0.5, "degenerate fixture: every pair scores the same"
+    assert np.ptp(np.concatenate(scores)) > 0.5, "degenerate fixture: every pair scores the same"
 
 
 def test_scores_equal_reference_score(reference: dict[str, Any], tiny_files: dict[str, Path]) -> None:
@@ -203,10 +214,10 @@ def test_scores_equal_reference_ranking_path(reference: dict[str, Any], tiny_fil
         np.testing.assert_allclose(ours, np.array(ref), rtol=0, atol=TOLERANCE)
 
 
-def test_batch_size_independent(reference: dict[str, Any], tiny_files: dict[str, Path]) -> None:
+def test_batch_size_independent(recorded: dict[str, Any]) -> None:
     images = np.random.default_rng(3).integers(0, 256, (7, 50, 66, 3), dtype=np.uint8)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(images))]
-    scores = [_scorer(reference, tiny_files, batch_size=b)(images, prompts) for b in (1, 3, 16)]
+    scores = [_recorded_scorer(recorded, batch_size=b)(images, prompts) for b in (1, 3, 16)]
     for other in scores[1:]:
         np.testing.assert_allclose(other, scores[0], rtol=0, atol=1e-6)
 
@@ -219,12 +230,11 @@ def test_normalisation_constants_are_the_reference(reference: dict[str, Any]) ->
     assert f"max_length={ir.MAX_PROMPT_TOKENS}," in inspect.getsource(irm.ImageReward.score).replace(" ", "")
 
 
-def test_protocol(reference: dict[str, Any], tiny_files: dict[str, Path]) -> None:
-
-    scorer = _scorer(reference, tiny_files)
-    digest = hashlib.sha256(reference["checkpoint"].read_bytes()).hexdigest()
+def test_protocol(recorded: dict[str, Any]) -> None:
+    scorer = _recorded_scorer(recorded)
+    digest = hashlib.sha256(recorded["checkpoint"].read_bytes()).hexdigest()
     assert scorer.protocol["checkpoint_sha256"] == digest
-    assert scorer.protocol["image_size"] == str(IMAGE_SIZE)
+    assert scorer.protocol["image_size"] == str(recorded["image_size"])
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in scorer.protocol.items())
 
 
@@ -266,11 +276,9 @@ def test_missing_checkpoint_is_a_one_line_usage_error(tmp_path: Path) -> None:
     assert str(missing) in message and "metrics.image_reward.checkpoint=" in message
 
 
-def test_missing_tokenizer_is_a_one_line_usage_error(
-    reference: dict[str, Any], tiny_files: dict[str, Path], tmp_path: Path
-) -> None:
+def test_missing_tokenizer_is_a_one_line_usage_error(recorded: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(UsageError) as err:
-        _scorer(reference, tiny_files, tokenizer=tmp_path / "no-such-tokenizer")
+        _recorded_scorer(recorded, tokenizer=tmp_path / "no-such-tokenizer")
     message = str(err.value)
     assert "\n" not in message and "metrics.image_reward.tokenizer=" in message
 
@@ -288,17 +296,15 @@ def test_uncached_default_tokenizer_is_a_one_line_usage_error(
 
 
 def test_tokenizer_of_another_vocab_is_a_one_line_usage_error(
-    reference: dict[str, Any], tiny_files: dict[str, Path], tmp_path: Path
+    recorded: dict[str, Any], tmp_path: Path
 ) -> None:
-    (tmp_path / "vocab.txt").write_text("\n".join([*VOCAB, "extra"]) + "\n")
+    (tmp_path / "vocab.txt").write_text((FIXTURE / "vocab.txt").read_text() + "extra\n")
     with pytest.raises(UsageError) as err:
-        _scorer(reference, tiny_files, tokenizer=tmp_path / "vocab.txt")
+        _recorded_scorer(recorded, tokenizer=tmp_path / "vocab.txt")
     assert "\n" not in str(err.value) and "metrics.image_reward.tokenizer=" in str(err.value)
 
 
-def test_wrong_architecture_is_a_one_line_usage_error(
-    reference: dict[str, Any], tiny_files: dict[str, Path]
-) -> None:
+def test_wrong_architecture_is_a_one_line_usage_error(recorded: dict[str, Any]) -> None:
     with pytest.raises(UsageError) as err:
-        _scorer(reference, tiny_files, image_size=32)  # pos_embed of another length
+        _recorded_scorer(recorded, image_size=2 * recorded["image_size"])  # pos_embed of another length
     assert "\n" not in str(err.value) and "pos_embed" in str(err.value)
