@@ -220,10 +220,48 @@ def test_offline_hub_model_without_local_copy_fails_fast_with_one_line(tmp_path)
     assert "Traceback" not in r.stderr
 
 
-def test_network_is_asked_at_the_schedulers_integer_timesteps(pipelines):
+def test_network_is_asked_at_the_schedulers_integer_timesteps(pipelines, monkeypatch):
+    """Reference: diffusers' own numbers for the tiny SD pipeline's scheduler config. The model's
+    training sigmas are ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5 of diffusers' alphas_cumprod,
+    and at each level of diffusers' EulerDiscreteScheduler the UNet gets the timestep that scheduler
+    pairs with it (what StableDiffusionPipeline hands the UNet): the integer training timesteps of
+    timestep_spacing='leading', and with use_karras_sigmas the fractional ones of its own log-sigma
+    interpolation (EulerDiscreteScheduler._sigma_to_t)."""
+    from diffusers import EulerDiscreteScheduler
+
     from samplebench.models import load_model
 
     model = load_model({"name": "sd15", "path": str(pipelines["sd15"]), "dtype": "fp32"}, "cpu")
-    t = torch.tensor([999, 981, 500, 1, 0])
-    # Reference: diffusers' own sigma for each training timestep; the adapter maps it back exactly.
-    torch.testing.assert_close(model.timestep(model.train_sigmas[t]), t.float(), rtol=0, atol=1e-3)
+    config = model.pipe.scheduler.config
+    # diffusers keeps alphas_cumprod in float32; the formula in float64 on those values is exact
+    # arithmetic the model must reproduce bit for bit, and diffusers' own float32 sigma table
+    # (EulerDiscreteScheduler.sigmas before set_timesteps, highest first, then 0) agrees to float32
+    # rounding of a division and a square root (2 ulps, 2.4e-7).
+    ac = EulerDiscreteScheduler.from_config(config).alphas_cumprod.double()
+    torch.testing.assert_close(model.train_sigmas, ((1 - ac) / ac) ** 0.5, rtol=0, atol=0)
+    table = EulerDiscreteScheduler.from_config(config).sigmas[:-1].flip(0)
+    torch.testing.assert_close(model.train_sigmas.float(), table, rtol=2.4e-7, atol=0)
+
+    asked = []
+    forward = model.net.forward
+
+    def recording_forward(sample, timestep, *args, **kwargs):
+        asked.append(torch.as_tensor(timestep).detach().double().reshape(-1).clone())
+        return forward(sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(model.net, "forward", recording_forward)
+    cond = model.encode(["a photo of a cat"])
+    x = torch.zeros(1, *model.sample_shape)
+    for flags in ({"timestep_spacing": "leading"}, {"use_karras_sigmas": True}):
+        euler = EulerDiscreteScheduler.from_config(config, **flags)
+        euler.set_timesteps(10)
+        asked.clear()
+        for sigma in euler.sigmas[:-1]:
+            model.denoise(x, torch.tensor([float(sigma)], dtype=torch.float64), cond)
+        # The model interpolates log sigma in float64 from the float32 level diffusers stores, diffusers
+        # in float32 (karras) or not at all (leading): the float32 level's rounding (1.2e-7 relative)
+        # over the log-sigma spacing near t = 999 (6e-3 per timestep) is 2e-5 of a timestep, and the
+        # float32 timestep itself is exact to 6e-5 at 999; 1e-3 of a timestep covers both.
+        torch.testing.assert_close(torch.cat(asked), euler.timesteps.double(), rtol=0, atol=1e-3)
+        if "timestep_spacing" in flags:
+            assert euler.timesteps.tolist() == [float(t) for t in range(901, 0, -100)]

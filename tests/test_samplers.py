@@ -6,6 +6,7 @@ The reference for convergence is scipy's DOP853 solution of the exact probabilit
 """
 
 import inspect
+import itertools
 
 import diffusers
 import numpy as np
@@ -23,6 +24,7 @@ from samplebench.seeds import initial_noise, sampler_generators
 
 ODE = [n for n, s in SAMPLERS.items() if s.kind == "ode"]
 NATIVE_ODE = [n for n in ODE if SAMPLERS[n].family == "native"]
+SDE = [n for n, s in SAMPLERS.items() if s.kind == "sde"]
 N = 96
 # Schedules a contract runs on; custom and ays need their own options or published lists.
 GRID_SCHEDULES = [
@@ -49,7 +51,18 @@ def schedule_cfg(name):
     return {k: v for k, v in cfg.items()}
 
 
-def run(gmm, name, nfe, indices, guidance=1.0, opts=None, allow_lower=False, schedule="karras", record=False):
+def run(
+    gmm,
+    name,
+    nfe,
+    indices,
+    guidance=1.0,
+    opts=None,
+    allow_lower=False,
+    schedule="karras",
+    record=False,
+    sampler_seed=0,
+):
     spec = SAMPLERS[name]
     opts = options(name) if opts is None else opts
     sched = schedule_cfg(schedule) if isinstance(schedule, str) else schedule
@@ -59,7 +72,7 @@ def run(gmm, name, nfe, indices, guidance=1.0, opts=None, allow_lower=False, sch
     steps = spec.rule(opts, sched).steps(nfe, name, allow_lower)
     grid = make_grid(sched, gmm.noise_schedule, steps)
     x = gmm.noise_schedule.initial_state(x_T, float(grid.sigmas[0]))
-    out = spec.run(counter, x, grid, opts, sampler_generators(0, indices))
+    out = spec.run(counter, x, grid, opts, sampler_generators(sampler_seed, indices))
     return (out, counter.calls, counter, grid, x) if record else (out, counter.calls)
 
 
@@ -95,8 +108,127 @@ def test_native_and_diffusers_names_never_collide():
         assert (spec.family == "diffusers") == name.startswith("diffusers:"), name
 
 
+# Values an option is tried at when SamplerSpec.choices does not list them (the diffusers entries'
+# constructor arguments, keyed by option and conf default); bools are tried at both values and floats
+# (eta, s_noise) at 0, 0.5 and 1. variance_type's "_log" forms are left out: they are the same
+# variances computed through a log, equal to round-off.
+OPTION_VALUES = {
+    ("solver_order", 2): (1, 2, 3),
+    ("order", 4): (1, 2, 3, 4),
+    ("solver_type", "midpoint"): ("midpoint", "heun"),
+    ("solver_type", "bh2"): ("bh1", "bh2"),
+    ("variance_type", "fixed_small"): ("fixed_small", "fixed_large"),
+}
+SIGMA_MIN = {"final_sigmas_type": "sigma_min"}
+# (sampler, option) -> (other options, schedule, NFE, why): where an option acts only away from the conf
+# defaults, it is shown to act where it does, and the reason it does nothing at the defaults is given.
+OPTION_SETTINGS = {
+    ("dpm", "lower_order_final"): (
+        {"order": 3},
+        "karras",
+        10,
+        "at order 2 it lowers only the last step, which goes to sigma = 0 and is first-order anyway",
+    ),
+    ("unipc", "lower_order_final"): (
+        {"order": 3},
+        "karras",
+        10,
+        "at order 2 it lowers only the last step, which goes to sigma = 0 and is first-order anyway",
+    ),
+    ("diffusers:deis", "lower_order_final"): (
+        {"solver_order": 3},
+        "karras",
+        10,
+        "at order 2 it lowers only the last step, which on karras is the zero-length step from sigma_min "
+        "to sigma_min that the adapter does not take (it denoises there instead)",
+    ),
+    ("diffusers:dpm", "lower_order_final"): (
+        {"solver_order": 3},
+        "karras",
+        10,
+        "as for diffusers:deis (final_sigmas_type=sigma_min is fixed for this entry)",
+    ),
+    ("diffusers:dpm", "euler_at_final"): (
+        {"lower_order_final": False},
+        "linspace",
+        10,
+        "it changes only the last step: on karras that is the skipped zero-length step, and with "
+        "lower_order_final below 15 steps the last step is first-order already",
+    ),
+    **{
+        (name, "euler_at_final"): (
+            {**SIGMA_MIN, "lower_order_final": False},
+            "linspace",
+            10,
+            "DPMSolverMultistepScheduler takes its last step first-order whenever final_sigmas_type='zero' "
+            "(this entry's default); with sigma_min it acts on linspace, whose last step is not zero-length",
+        )
+        for name in ("diffusers:dpmpp", "diffusers:dpmpp_3m", "diffusers:dpmpp_sde")
+    },
+    **{
+        (name, "lower_order_final"): (
+            SIGMA_MIN,
+            "linspace",
+            10,
+            "at order 2 it lowers only the last step, which is first-order whenever final_sigmas_type='zero' "
+            "(this entry's default)",
+        )
+        for name in ("diffusers:dpmpp", "diffusers:dpmpp_sde")
+    },
+    ("diffusers:dpmpp_2s", "lower_order_final"): (
+        SIGMA_MIN,
+        "trailing",
+        11,
+        "DPMSolverSinglestepScheduler sets it back to true when final_sigmas_type='zero' (the default) or "
+        "the step count is odd, and otherwise it lowers only the last step, zero-length on karras and "
+        "linspace; trailing at 10 steps (11 evaluations with the one that denoises at sigma_min) it acts",
+    ),
+    ("diffusers:unipc", "solver_type"): (
+        SIGMA_MIN,
+        "karras",
+        10,
+        "bh1 with final_sigmas_type='zero' gives NaN in diffusers (test_sampler_references.UNIPC_BH1)",
+    ),
+    ("diffusers:unipc", "lower_order_final"): (
+        {**SIGMA_MIN, "solver_order": 3},
+        "karras",
+        10,
+        "with final_sigmas_type='zero' turning it off puts a higher-order step on h = inf (inf samples, or a "
+        "singular solve at order 3); at order 2 it lowers only the skipped zero-length last step",
+    ),
+}
+# (sampler, option) -> why it cannot change anything at any setting the registry allows.
+NO_EFFECT = {
+    ("dpmpp", "lower_order_final"): (
+        "DPM-Solver++(2M) is registered at order 2, where lower_order_final lowers only the last step, "
+        "which goes to sigma = 0 and is D itself at any order (the key is shared with dpmpp_3m, where "
+        "it acts)"
+    ),
+}
+# A used option moves the samples by >= 6.7e-4 of their scale on this model (the smallest: UniPC's
+# corrector on karras; then set_alpha_to_one, 7.6e-4); an ignored one leaves them bitwise equal (same
+# code, no randomness beyond the seeded generators), and float32 round-off in diffusers is ~3e-7.
+OPTION_EFFECT = 1e-4
+
+
+def option_values(name, key, default):
+    spec = SAMPLERS[name]
+    if key in spec.choices:
+        return spec.choices[key]
+    if isinstance(default, bool):
+        return (False, True)
+    if isinstance(default, float):
+        return (0.0, 0.5, 1.0)
+    assert (key, default) in OPTION_VALUES, f"{name}: no values to try for sampler.{key}; add them above"
+    return OPTION_VALUES[key, default]
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_options_are_real_arguments(name):
+def test_options_are_real_arguments(gmm, name):
+    """Every key of conf/sampler/<name>.yaml reaches the algorithm: each value it is tried at (its
+    SamplerSpec.choices, or OPTION_VALUES) gives other samples, or another counted NFE, than every
+    other value, on the analytic model; OPTION_SETTINGS names the settings where an option acts only
+    away from the conf defaults, and NO_EFFECT the options that cannot act, each with the reason."""
     run_fn = SAMPLERS[name].run
     keywords = getattr(run_fn, "keywords", None)
     if keywords is None:  # native: the options are keyword arguments of the sampling function
@@ -105,6 +237,29 @@ def test_options_are_real_arguments(name):
         cls = getattr(diffusers, keywords["class_name"])
         accepted = set(inspect.signature(cls.__init__).parameters) | set(SAMPLERS[name].step_options)
     assert set(options(name)) <= accepted
+    idx = list(range(8))
+    for key, default in options(name).items():
+        values = option_values(name, key, default)
+        assert default in values, (name, key, default, values)
+        other, schedule, target, why = OPTION_SETTINGS.get((name, key), ({}, "karras", 10, ""))
+        results = []
+        for value in values:
+            opts = {**options(name), **other, key: value}
+            out, calls = run(
+                gmm, name, _feasible(name, target, schedule, opts), idx, opts=opts, schedule=schedule
+            )
+            assert torch.isfinite(out).all(), f"{name} with {key}={value}: non-finite samples"
+            results.append((value, out, calls))
+        for (a, out_a, calls_a), (b, out_b, calls_b) in itertools.combinations(results, 2):
+            change = float((out_a - out_b).abs().max() / out_b.abs().max())
+            if (name, key) in NO_EFFECT:
+                assert change == 0 and calls_a == calls_b, f"{name}.{key}: {NO_EFFECT[name, key]}"
+                continue
+            assert calls_a != calls_b or change > OPTION_EFFECT, (
+                f"{name}: sampler.{key}={a} and {key}={b} give the same samples ({change:.1e} apart) and "
+                f"NFE ({calls_a}) on {schedule} with {other or 'the conf defaults'}"
+                + (f" (set there because {why})" if why else "")
+            )
 
 
 def _feasible(name, target, schedule="karras", opts=None):
@@ -186,11 +341,67 @@ def test_samples_do_not_depend_on_batch_composition(gmm, name):
     torch.testing.assert_close(alone, together[[0, 5, 7]], rtol=1e-10, atol=1e-10)
 
 
-def test_stochastic_samplers_are_stochastic(gmm):
-    a, _ = run(gmm, "euler_a", 10, [0, 1])
-    b, _ = run(gmm, "euler", 10, [0, 1])
-    assert not torch.allclose(a, b)
-    assert np.isfinite(a.numpy()).all()
+@pytest.mark.parametrize("name", SDE)
+def test_stochastic_samplers_are_stochastic(gmm, name):
+    """The sampler's own noise, from the same x_T: the same sampler seed gives the same samples
+    bitwise, and another sampler seed moves every sample by far more than round-off (the noise
+    injected along the way, not x_T, is what differs). Its size is pinned by
+    test_euler_ancestral_injects_k_diffusions_noise (euler_a) and test_sampler_references (the others)."""
+    idx = list(range(8))
+    schedule = "karras" if takes(name, "karras") else "linspace"
+    nfe = _feasible(name, 10, schedule)
+    a, _ = run(gmm, name, nfe, idx, schedule=schedule, sampler_seed=0)
+    again, _ = run(gmm, name, nfe, idx, schedule=schedule, sampler_seed=0)
+    other, _ = run(gmm, name, nfe, idx, schedule=schedule, sampler_seed=1)
+    assert torch.isfinite(a).all() and torch.isfinite(other).all()
+    assert torch.equal(a, again)
+    # Per sample: at eta = 1 the injected noise moves a sample by O(1) of its scale (0.17 at the least
+    # here); round-off, the only thing a sampler that ignored its generators could differ by, is 1e-15.
+    moved = (a - other).abs().amax(1) / a.abs().amax(1)
+    assert (moved > 1e-2).all(), f"{name}: samples the sampler seed does not move: {moved}"
+
+
+def ancestral_reference(gmm, sigmas, indices, sampler_seed, eta, s_noise, noise_scale=1.0):
+    """Float64 transcription of k-diffusion 0.1.1's sample_euler_ancestral with get_ancestral_step
+    (k_diffusion/sampling.py): an Euler step to sigma_down, then noise of std sigma_up, with
+    sigma_up = min(sigma', eta sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2)), sigma_down^2 + sigma_up^2 =
+    sigma'^2, and no noise on the step to 0. Its noise is drawn per sample from the registry's sampler
+    generators (float64 standard normal, one draw per noisy step), the stream euler_a is given."""
+    x_T = initial_noise(0, indices, gmm.sample_shape, torch.float64, gmm.device)
+    labels = gmm.conditions(indices, 0)
+    s = [float(v) for v in sigmas]
+    x = x_T * (1 + s[0] ** 2) ** 0.5
+    generators = sampler_generators(sampler_seed, indices)
+    for sigma, nxt in zip(s, s[1:], strict=False):
+        denoised = gmm.denoise(x, torch.full((len(indices),), sigma, dtype=torch.float64), labels)
+        up = min(nxt, eta * (nxt**2 * (sigma**2 - nxt**2) / sigma**2) ** 0.5) if eta else 0.0
+        down = (nxt**2 - up**2) ** 0.5
+        x = x + (x - denoised) / sigma * (down - sigma)
+        if nxt > 0:
+            z = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64) for g in generators])
+            x = x + z * s_noise * up * noise_scale
+    return x
+
+
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.5)])
+def test_euler_ancestral_injects_k_diffusions_noise(gmm, eta, s_noise):
+    """Reference: ancestral_reference, a float64 transcription of k-diffusion's sample_euler_ancestral
+    and get_ancestral_step, with the same noise draws: euler_a equals it to float64 round-off, so its
+    noise has the reference's size sigma_up * s_noise at every step (the transcription with its noise
+    scaled by 0.99 is more than 1e6 times the tolerance away)."""
+    idx = list(range(8))
+    opts = {"eta": eta, "s_noise": s_noise}
+    out, calls, _, grid, _ = run(gmm, "euler_a", 10, idx, opts=opts, sampler_seed=3, record=True)
+    ref = ancestral_reference(gmm, grid.sigmas, idx, 3, eta, s_noise)
+    # The same float64 operations in the same order (bitwise equal here); 1e-12 of the sample scale
+    # leaves room for a re-associated sum (a few ulps per step over 10 steps, ~1e-15), while an error
+    # of 1% in the noise size is ~1e-3 of the scale.
+    rtol = 1e-12
+    assert calls == 10
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert err <= rtol, f"euler_a is {err:.2e} of the sample scale from the k-diffusion transcription"
+    off = ancestral_reference(gmm, grid.sigmas, idx, 3, eta, s_noise, noise_scale=0.99)
+    assert float((out - off).abs().max() / ref.abs().max()) > 1e6 * rtol
 
 
 def test_visited_subschedule_fixes_ddim_when_steps_do_not_divide_1000(gmm, reference):

@@ -123,16 +123,21 @@ def kid_bootstrap(gen: np.ndarray, ref: np.ndarray, reps: int, seed: int = 0) ->
 
 
 def isc_bootstrap(logits: np.ndarray, splits: int, reps: int, seed: int = 0) -> np.ndarray:
-    """Inception Score (mean over splits, as torch-fidelity computes it) over resampled images."""
+    """Inception Score (mean over splits, as torch-fidelity computes it) over resampled images.
+
+    Split k holds rows [k n // splits, (k + 1) n // splits) of the resample, torch-fidelity's
+    boundaries (np.array_split puts the spare rows first instead, another partition when splits does
+    not divide n)."""
     z = np.asarray(logits, np.float64)
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     rng = np.random.default_rng(seed)
+    n = len(p)
     out = np.empty(reps)
     for r in range(reps):
-        q = p[rng.integers(0, len(p), len(p))]
+        q = p[rng.integers(0, n, n)]
         scores = []
-        for part in np.array_split(q, splits):
+        for part in (q[k * n // splits : (k + 1) * n // splits] for k in range(splits)):
             marginal = part.mean(0, keepdims=True)
             kl = (part * (np.log(part + 1e-12) - np.log(marginal + 1e-12))).sum(1).mean()
             scores.append(np.exp(kl))
