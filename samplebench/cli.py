@@ -47,10 +47,22 @@ def _run_dir(overrides: list[str]) -> tuple[Path, dict]:
     return Path(cfg["results_dir"]) / cfg["run"], cfg["metrics"]
 
 
-def _generate(overrides: list[str]):
+def _generate(overrides: list[str], check_metrics: bool = False):
     from samplebench.config import plan
 
     cells = plan(overrides)  # only Hydra so far: bad overrides fail before torch is imported
+    from samplebench.metrics import preflight
+
+    # Every model that cannot be loaded, and for a sweep every missing metric prerequisite, named at
+    # once before anything is generated.
+    targets, checked = preflight.targets_of_cells(cells), None
+    if check_metrics:
+        from samplebench.metrics.run import report_skipped
+
+        checked = preflight.check(cells[0].config["metrics"], targets, models=True)
+        report_skipped(checked, err)
+    else:
+        preflight.check_models(targets)
     from samplebench import plan as run_plan
     from samplebench.generate import GenerationSummary, generate
     from samplebench.launch import launch
@@ -63,7 +75,7 @@ def _generate(overrides: list[str]):
             f"generated {summary.shards_written} shards, {summary.shards_skipped} already finished, "
             f"{summary.cells} cells in {summary.run_dir}"
         )
-        return cells, summary
+        return cells, summary, checked
     from samplebench import store
 
     run_dir = run_plan.run_dir_of(cells[0])
@@ -81,13 +93,13 @@ def _generate(overrides: list[str]):
             "re-run to finish them"
         )
     err.print(f"{len(workers)} workers finished all {len(cells)} cells in {run_dir}")
-    return cells, GenerationSummary(run_dir, len(cells), 0, 0, {})
+    return cells, GenerationSummary(run_dir, len(cells), 0, 0, {}), checked
 
 
-def _metrics(run_dir: Path, metrics_cfg: dict):
+def _metrics(run_dir: Path, metrics_cfg: dict, checked=None):
     from samplebench.metrics.run import compute_metrics
 
-    df = compute_metrics(run_dir, metrics_cfg, err)
+    df = compute_metrics(run_dir, metrics_cfg, err, checked)
     err.print(f"{len(df)} metric rows in {run_dir / 'metrics.csv'}")
     return df
 
@@ -103,11 +115,11 @@ def sweep(overrides: list[str] = OVERRIDES) -> None:
     """Plan, generate, score and report a sweep in one go."""
     times = {}
     start = time.perf_counter()
-    cells, summary = _generate(overrides or [])
+    cells, summary, checked = _generate(overrides or [], check_metrics=True)
     times["plan+generate"] = time.perf_counter() - start
     files = [summary.run_dir / "metrics.csv"]
     t = time.perf_counter()
-    scored = _metrics(summary.run_dir, cells[0].config["metrics"])
+    scored = _metrics(summary.run_dir, cells[0].config["metrics"], checked)
     times["metrics"] = time.perf_counter() - t
     t = time.perf_counter()
     files += _report(summary.run_dir)

@@ -48,7 +48,10 @@ CASES = {
     "negative guidance": (["guidance=-2"], "guidance=-2 must be a number >= 0"),
     "nfe the sampler cannot spend": (["sampler=heun", "nfe=8"], "cannot spend exactly nfe=8"),
     "missing weights folder": (["model=sd15", "model.path={root}/nope"], "does not exist"),
-    "corrupt weights file": (["model=ddpm_cifar10", "model.path={weights}"], "cannot load model.path="),
+    "corrupt weights file": (
+        ["model=ddpm_cifar10", "model.path={weights}", "metrics.names=[traj_mse]"],
+        "cannot load model.path=",
+    ),
     "unwritable results folder": (["results_dir={root}/r/metrics.csv/sub"], "cannot write to"),
     "prompts are ignored by the analytic model": (["prompts=file", "prompts.path={root}/none.txt"], None),
     "worker name that is a path": (["worker=../../x"], "worker=../../x must be a plain name"),

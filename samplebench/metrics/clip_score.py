@@ -110,25 +110,9 @@ class ClipScorer:
         open_clip = _import_open_clip()
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        cache = None if cache_dir is None else str(cache_dir)
-
-        if model_config is not None:
-            _register_model_config(open_clip, model, Path(model_config))
-        model_name = model.replace("/", "-")  # open_clip's own clean-up of built-in names
-        model_cfg = open_clip.get_model_config(model_name)
-        if model_cfg is None:
-            raise UsageError(
-                f"unknown open_clip model {model!r}; set {_OPTION}.model to one of open_clip.list_models() "
-                f"or point {_OPTION}.model_config at its config JSON"
-            )
-
-        tag_cfg = dict(open_clip.get_pretrained_cfg(model_name, pretrained)) if pretrained else {}
-        if tag_cfg:
-            checkpoint = _resolve_tag(open_clip, model, pretrained, tag_cfg, cache)
-            pretrained_desc = f"{pretrained} (open_clip tag)"
-        else:
-            checkpoint = _check_checkpoint_file(open_clip, model_name, pretrained)
-            pretrained_desc = f"file {Path(checkpoint).name}"
+        located = locate_weights(model, pretrained, model_config, cache_dir)
+        model_name, model_cfg, tag_cfg, checkpoint = located
+        pretrained_desc = f"{pretrained} (open_clip tag)" if tag_cfg else f"file {Path(checkpoint).name}"
         weights_sha256 = _sha256(checkpoint)
 
         quick_gelu = bool(model_cfg.get("quick_gelu", False) or tag_cfg.get("quick_gelu", False))
@@ -212,6 +196,36 @@ class ClipScorer:
         return out
 
 
+def locate_weights(
+    model: str,
+    pretrained: str,
+    model_config: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    download: bool = True,
+) -> tuple[str, dict[str, Any], dict[str, Any], str]:
+    """(open_clip model name, its config, the pretrained tag's config or {}, the checkpoint file): the
+    architecture is known and its weights are on disk (downloaded if not cached and allowed), or a one-line
+    UsageError says what is missing. With download=False (the preflight, before any generation) weights
+    that are not cached are only checked to be downloadable: the file returned is then ''."""
+    open_clip = _import_open_clip()
+    cache = None if cache_dir is None else str(cache_dir)
+    if model_config is not None:
+        _register_model_config(open_clip, model, Path(model_config))
+    model_name = model.replace("/", "-")  # open_clip's own clean-up of built-in names
+    model_cfg = open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        raise UsageError(
+            f"unknown open_clip model {model!r}; set {_OPTION}.model to one of open_clip.list_models() "
+            f"or point {_OPTION}.model_config at its config JSON"
+        )
+    tag_cfg = dict(open_clip.get_pretrained_cfg(model_name, pretrained)) if pretrained else {}
+    if tag_cfg:
+        checkpoint = _resolve_tag(open_clip, model, pretrained, tag_cfg, cache, download)
+    else:
+        checkpoint = _check_checkpoint_file(open_clip, model_name, pretrained)
+    return model_name, model_cfg, tag_cfg, checkpoint
+
+
 def _register_model_config(open_clip: Any, model: str, path: Path) -> None:
     """Make `model` name the config in `path`; open_clip keys configs by file stem and skips bad files."""
     option = f"{_OPTION}.model_config"
@@ -290,7 +304,29 @@ def _cached_tag_file(open_clip: Any, tag_cfg: dict[str, Any], cache_dir: str | N
     return None
 
 
-def _resolve_tag(open_clip: Any, model: str, tag: str, tag_cfg: dict[str, Any], cache_dir: str | None) -> str:
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the URL's host opens (a quick probe, no retries, nothing printed)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname
+    if not host:
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _resolve_tag(
+    open_clip: Any,
+    model: str,
+    tag: str,
+    tag_cfg: dict[str, Any],
+    cache_dir: str | None,
+    download: bool = True,
+) -> str:
     """Local cache first; download through open_clip only when HF_HUB_OFFLINE is not set."""
     cached = _cached_tag_file(open_clip, tag_cfg, cache_dir)
     if cached:
@@ -300,6 +336,14 @@ def _resolve_tag(open_clip: Any, model: str, tag: str, tag_cfg: dict[str, Any], 
         raise UsageError(
             f"CLIP weights {model}/{tag} are not cached and cannot be downloaded (HF_HUB_OFFLINE); {fix}"
         )
+    if not download:
+        source = "https://huggingface.co" if tag_cfg.get("hf_hub") else tag_cfg.get("url", "")
+        if not _reachable(source):
+            raise UsageError(
+                f"CLIP weights {model}/{tag} are not cached and {source or 'their source'} cannot be "
+                f"reached from here; {fix}"
+            )
+        return ""
     try:
         path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
     except Exception as e:  # network, hub and checksum failures all mean the same thing to the user

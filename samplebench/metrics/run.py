@@ -14,7 +14,7 @@ from rich.progress import Progress
 
 from samplebench import store
 from samplebench.errors import UsageError
-from samplebench.metrics import analytic
+from samplebench.metrics import analytic, preflight
 from samplebench.metrics.names import ALL, ANALYTIC, TEXT
 from samplebench.metrics.reference import ReferenceSolveError
 from samplebench.models import load_model
@@ -133,6 +133,14 @@ def timing_row(cell: store.CellRecord) -> dict[str, Any]:
         "model_call_share": float(model_share),
         "timing_note": note,
     }
+
+
+def report_skipped(checked: preflight.Preflight, console: Console) -> None:
+    """One line per metric skipped for a missing prerequisite (metrics.on_missing=skip)."""
+    for metric, why in checked.skipped.items():
+        console.print(
+            f"[yellow]skipping {metric}[/] (metrics.on_missing=skip): {escape(why)}", soft_wrap=True
+        )
 
 
 def _known() -> tuple[str, ...]:
@@ -293,10 +301,14 @@ def paired_comparisons(per_image: pd.DataFrame, reps: int = 2000) -> pd.DataFram
 
 
 def compute_metrics(
-    run_dir: Path, metrics_cfg: dict[str, Any], console: Console | None = None
+    run_dir: Path,
+    metrics_cfg: dict[str, Any],
+    console: Console | None = None,
+    checked: preflight.Preflight | None = None,
 ) -> pd.DataFrame:
-    """Score every finished cell of a run; rows for the same key are replaced, others kept."""
-    from samplebench.metrics.image import NEEDS_REF, ImageContext, score_image_cell
+    """Score every finished cell of a run; rows for the same key are replaced, others kept. The metrics'
+    prerequisites are checked first (preflight), unless `checked` says what the sweep's check found."""
+    from samplebench.metrics.image import ImageContext, score_image_cell
     from samplebench.models.base import pick_device
 
     console = console or Console(stderr=True)
@@ -310,12 +322,10 @@ def compute_metrics(
         if not c.complete():
             rel = c.path.relative_to(run_dir)
             console.print(f"[yellow]skipping unfinished cell {rel}; re-run generate[/]")
-    has_images = any(c.info["config"]["model"]["name"] != "gmm" for c in finished)
-    if not metrics_cfg.get("ref") and any(n in NEEDS_REF for n in names):
-        skipped = [n for n in names if n in NEEDS_REF]
-        names = [n for n in names if n not in NEEDS_REF]
-        if has_images:
-            console.print(f"{', '.join(skipped)} skipped: they need reference images, set metrics.ref=")
+    if checked is None:
+        checked = preflight.check(metrics_cfg, preflight.targets_of_records(finished), "nothing was scored")
+        report_skipped(checked, console)
+    names = checked.names
     cache_root = run_dir.parent / ".cache"
     ctx = ImageContext(metrics_cfg, cache_root, str(pick_device(str(metrics_cfg.get("device", "auto")))))
     rows: list[dict[str, Any]] = []
@@ -466,6 +476,7 @@ def compute_metrics(
     old = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else {}
     protocol = {
         "rows": {k: v for k, v in {**old.get("rows", {}), **row_protocols}.items() if k in kept_rows},
+        "skipped": checked.skipped,
         "traj_err_floor": {**old.get("traj_err_floor", {}), **floors},
         "nfe": "model evaluations per sample, counted outside guidance",
         "sec_per_image": "sampling plus decoding wall time per sample, device-synchronised: the median over "

@@ -115,6 +115,34 @@ def _check_folder(path: Path, name: str) -> dict[str, Any]:
     return info
 
 
+def _not_available(cfg: dict[str, Any], source: str) -> UsageError:
+    return UsageError(
+        f"model={cfg['name']}: {source} is not in the local Hugging Face cache and could not be "
+        f"downloaded; download it where there is network, or set model.path=<local copy of {source}>"
+    )
+
+
+def check_available(cfg: dict[str, Any]) -> None:
+    """Without loading anything: a local folder is a complete pipeline, a hub model is cached or the hub
+    answers (one-line UsageError otherwise), so a sweep fails before any work, not after a model load."""
+    source, local = _source(cfg)
+    if local:
+        _check_folder(Path(source).expanduser(), cfg["name"])
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        raise _not_available(cfg, source)
+    try:
+        from huggingface_hub import model_info
+
+        model_info(source, timeout=10)
+    except Exception as e:  # no network, unknown repository, gated: all mean "not to be had from here"
+        raise _not_available(cfg, source) from e
+
+
 def load_pipeline(cfg: dict[str, Any], dtype: torch.dtype) -> Any:
     """The pipeline a model config names, from a local folder or the hub cache (or the hub when online)."""
     import diffusers.utils.logging as dlog
@@ -145,10 +173,7 @@ def load_pipeline(cfg: dict[str, Any], dtype: torch.dtype) -> Any:
         reason = " ".join(str(e).split()).split(". ")[0][:200]
         if local:
             raise UsageError(f"cannot load model.path={source}: {reason}") from e
-        raise UsageError(
-            f"model={cfg['name']}: {source} is not in the local Hugging Face cache and could not be "
-            f"downloaded; download it where there is network, or set model.path=<local copy of {source}>"
-        ) from e
+        raise _not_available(cfg, source) from e
 
 
 class DiffusersModel:
