@@ -315,27 +315,33 @@ def list_(what: str = typer.Argument("samplers", help="samplers, schedules, mode
         from omegaconf import OmegaConf
 
         from samplebench.config import conf_dir
-        from samplebench.metrics.names import ANALYTIC, IMAGE
+        from samplebench.metrics.names import ANALYTIC, IMAGE, TEXT
         from samplebench.report import lower_is_better
 
         defaults = OmegaConf.load(conf_dir() / "metrics" / "default.yaml").get("names", [])
+        inception = "Inception weights (cached, or metrics.inception_weights=)"
+        clip = "text prompts, CLIP weights (cached, or metrics.clip.pretrained=)"
         needs = {
-            "fid": "metrics.ref=",
-            "kid": "metrics.ref=",
-            "precision": "metrics.ref=",
-            "recall": "metrics.ref=",
-            "clip_score": "text prompts",
-            "clip_score_paper": "text prompts",
-            "image_reward": "text prompts, metrics.image_reward.checkpoint=",
+            "fid": f"metrics.ref=, {inception}",
+            "kid": f"metrics.ref=, {inception}",
+            "precision": f"metrics.ref=, {inception}",
+            "recall": f"metrics.ref=, {inception}",
+            "is": f"{inception}, num_images >= metrics.is.splits",
+            "clip_score": clip,
+            "clip_score_paper": clip,
+            "image_reward": "text prompts, metrics.image_reward.checkpoint=, bert-base-uncased tokenizer",
             "traj_mse": "a reference solve (metrics.traj_mse.*)",
         }
-        table = Table(title="metrics (choose with metrics.names=[...]; each cell gets those that apply)")
+        table = Table(
+            title="metrics (choose with metrics.names=[...]; each cell gets those that apply; the preflight "
+            "checks what they need before generating)"
+        )
         for col in ("name", "models", "direction", "default", "needs"):
             table.add_column(col)
         for name in ANALYTIC + IMAGE:
             table.add_row(
                 name,
-                "gmm" if name in ANALYTIC else "image models",
+                "gmm" if name in ANALYTIC else "text-to-image models" if name in TEXT else "image models",
                 "lower is better" if lower_is_better(name) else "higher is better",
                 "yes" if name in defaults else "no",
                 needs.get(name, ""),
