@@ -49,6 +49,7 @@ check: install ## the CI regression check: a small analytic sweep against result
 
 bench: install ## benchmarks (not tests); figures go to BENCHMARKS.md
 	$(BIN)/python bench/bench_generate.py
+	$(BIN)/python bench/bench_timings.py --tree after=. --runs 2
 	$(BIN)/python bench/bench_vs_diffusers.py
 	$(BIN)/python bench/bench_schedules.py
 	$(BIN)/python bench/bench_features.py --n 1000 10000  # about an hour on 2 CPU cores
