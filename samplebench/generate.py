@@ -130,6 +130,24 @@ def _record_grid(cell_dir: Path, grid: Grid, condition_kind: str) -> None:
         store.write_json(path, info)
 
 
+@dataclass
+class _Threads:
+    previous: int
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.previous)
+
+
+def _cpu_threads(model: Any) -> _Threads:
+    """Run a model that asks for it (the analytic model: cpu_threads = 1) on that many CPU threads while
+    its cells are generated; the previous count comes back with restore()."""
+    previous = torch.get_num_threads()
+    wanted = getattr(model, "cpu_threads", None)
+    if wanted and model.device.type == "cpu":
+        torch.set_num_threads(int(wanted))
+    return _Threads(previous)
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
@@ -450,6 +468,7 @@ def generate(
                     },
                 )
                 warmed: set[str] = set()  # samplers this process has warmed up
+                threads = _cpu_threads(model)
                 for cell, cell_dir, size, starts, _ in group:
                     plan.check_resolved(cell_dir, plan.resolved_identity(model, cell))
                     progress.update(task, description=f"{cell.rel_dir}")
@@ -493,6 +512,7 @@ def generate(
                             )
                         )
                         written += _drain(pending, progress, task, on_shard, block=False)
+                threads.restore()
             written += _drain(pending, progress, task, on_shard, block=True)
     finally:
         for cell_dir, s in held:

@@ -139,3 +139,30 @@ def test_shards_from_before_warmup_calls_still_time(tmp_path):
     store.write_shard(cell.path, 0, arrays)
     row = timing_row(cell)
     assert row["timing_note"].startswith("warm-up batch only") and row["n_timed"] == 2
+
+
+def test_the_analytic_model_runs_on_one_cpu_thread_and_the_count_comes_back(tmp_path):
+    # On a busy CPU a multi-threaded call of microsecond ops stalls for whole scheduler slices; the
+    # analytic model asks for one thread (GaussianMixtureModel.cpu_threads) while its cells run.
+    import torch
+
+    import samplebench.generate as generate
+
+    seen, real = [], generate.sample_batch
+
+    def recording(model, cell, indices, steps, conditions):
+        seen.append(torch.get_num_threads())
+        return real(model, cell, indices, steps, conditions)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(generate, "sample_batch", recording)
+            generate.generate(
+                plan([f"results_dir={tmp_path}", "run=r", "sampler=ddim", "nfe=5", "num_images=8"])
+            )
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

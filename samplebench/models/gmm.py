@@ -43,6 +43,10 @@ class GaussianMixtureModel:
     """Class-conditional exact model. Label -1 means unconditional (the whole mixture)."""
 
     prediction_type = "epsilon"
+    # Its calls are microsecond tensor ops on (batch, dim): on a CPU, intra-op threads only add
+    # synchronisation, and when another process holds a core a multi-threaded call stalls for whole
+    # scheduler slices (10x+ jumps between identical calls). The worker runs it on one thread.
+    cpu_threads = 1
 
     def __init__(self, spec: MixtureSpec, device: torch.device, dtype: torch.dtype = torch.float64):
         if spec.beta_schedule not in BETA_SCHEDULES:
