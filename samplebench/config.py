@@ -264,9 +264,10 @@ def validate(c: dict[str, Any]) -> None:
     if not is_int(c.get("workers", 1)) or c.get("workers", 1) < 1:
         raise UsageError(f"workers={c.get('workers')} must be a positive integer (local worker processes)")
     timing = c.get("timing") or {}
-    if not is_int(timing.get("repeats", 1)) or timing.get("repeats", 1) < 1:
+    repeats = timing.get("repeats", "auto")
+    if repeats != "auto" and (not is_int(repeats) or repeats < 1):
         raise UsageError(
-            f"timing.repeats={timing.get('repeats')} must be a positive integer (timed calls per cell)"
+            f"timing.repeats={repeats} must be auto or a positive integer (timed calls per cell at least)"
         )
     if not isinstance(timing.get("warmup", True), bool):
         raise UsageError(f"timing.warmup={timing.get('warmup')} must be true or false")

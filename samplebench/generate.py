@@ -182,18 +182,29 @@ def missing_shards(cell_dir: Path, n: int, size: int) -> list[int]:
 
 
 def timing_repeats(cell: Cell, first: int, shard_size: int) -> int:
-    """Timing-only repeats of a batch that shard `first` runs so the cell has `timing.repeats` timed calls.
+    """Timing-only repeats of the first batch of shard `first` so the cell has `timing.repeats` timed calls.
 
     A cell's figure is a median over timed calls and its spread their range, so a cell that is one or
-    two batches long (the analytic model's default: 1000 samples, one batch) repeats its first batch.
-    Only the shard holding sample 0 does it, so the count does not depend on who makes which shard.
+    two batches long (the analytic model's default: 1000 samples, one batch) repeats its first batch
+    (run_repeats). Only the worker making the shard holding sample 0 does it, so the count does not
+    depend on who makes which shard.
     """
     if first != 0:
         return 0
     n, bs = int(cell.config["num_images"]), int(cell.config["batch_size"])
     planned = sum(-(-min(shard_size, n - s) // bs) for s in range(0, n, shard_size))
-    wanted = int((cell.config.get("timing") or {}).get("repeats", 5))
-    return max(0, wanted - planned)
+    return max(0, wanted_timed_calls(cell) - planned)
+
+
+def wanted_timed_calls(cell: Cell) -> int:
+    """timing.repeats, or with `auto` 15 for the analytic model (its calls cost milliseconds, and 15 calls
+    make a re-run's median fall inside this run's min-max range for about 99.8% of cells under noise
+    alone) and 3 for networks (each call costs seconds and varies little; more would multiply the cost
+    of cells that are only a batch or two long)."""
+    wanted = (cell.config.get("timing") or {}).get("repeats", "auto")
+    if wanted in (None, "auto"):
+        return 15 if cell.model.get("name") == "gmm" else 3
+    return int(wanted)
 
 
 @dataclass
@@ -298,29 +309,49 @@ def make_shard(
     steps: int,
     conditions: CellConditions,
     warm_up: bool,
-    shard_size: int,
 ) -> tuple[list[Batch], list[dict[str, Any]]]:
-    """The shard's batches, and its timing-only calls: an untimed warm-up call first when `warm_up` (the
-    first call of a sampler in a process pays lazy imports, allocator and kernel warm-up; its cost is kept
-    apart), then repeats of the first batch up to the cell's timing.repeats (timing_repeats). Timing-only
-    calls run on the shard's first batch; their outputs are discarded."""
+    """The shard's batches, after an untimed warm-up call when `warm_up` (the first call of a sampler in
+    a process pays lazy imports, allocator and kernel warm-up; its cost is kept apart, as a timing-only
+    call on the shard's first batch whose outputs are discarded)."""
     bs, first = int(cell.config["batch_size"]), shard[0]
     timing_calls: list[dict[str, Any]] = []
-
-    def timing_only(kind: str) -> None:
+    if warm_up:
         store.heartbeat(cell_dir, first)
         extra = sample_batch(model, cell, shard[:bs], steps, conditions)
-        timing_calls.append({**extra.stats, "size": len(extra.indices), "kind": kind})
-
-    if warm_up:
-        timing_only("warmup")
+        timing_calls.append({**extra.stats, "size": len(extra.indices), "kind": "warmup"})
     batches = []
     for b in range(0, len(shard), bs):
         store.heartbeat(cell_dir, first)
         batches.append(sample_batch(model, cell, shard[b : b + bs], steps, conditions))
-    for _ in range(timing_repeats(cell, first, shard_size)):
-        timing_only("repeat")
     return batches, timing_calls
+
+
+@dataclass
+class RepeatJob:
+    """Timing-only repeats a cell still needs: its first batch, `count` more times (timing_repeats)."""
+
+    cell: Cell
+    cell_dir: Path
+    indices: list[int]
+    steps: int
+    conditions: CellConditions
+    count: int
+
+
+def run_repeats(model: Any, jobs: list[RepeatJob]) -> None:
+    """Timing-only repeats, interleaved round-robin over the cells of a model (A, B, C, A, B, C, ...):
+    each cell's timed calls then span the whole pass, so a load that comes and goes moves every cell alike
+    and shows in each cell's range, instead of landing on a few cells back to back. Written per cell as
+    timing-<first>.npz beside its shards (read by metrics.run.timing_row); outputs are discarded."""
+    calls: dict[int, list[dict[str, Any]]] = {k: [] for k in range(len(jobs))}
+    for r in range(max((j.count for j in jobs), default=0)):
+        for k, job in enumerate(jobs):
+            if r < job.count:
+                extra = sample_batch(model, job.cell, job.indices, job.steps, job.conditions)
+                calls[k].append({**extra.stats, "size": len(extra.indices)})
+    for k, job in enumerate(jobs):
+        if calls[k]:
+            store.write_timing(job.cell_dir, job.indices[0], calls[k])
 
 
 def _shard_arrays(
@@ -338,7 +369,7 @@ def _shard_arrays(
         "finite": torch.isfinite(samples.reshape(len(samples), -1)).all(1).numpy(),
         "nfe": np.concatenate([np.full(len(b.indices), b.stats["nfe"], dtype=np.int64) for b in batches]),
     }
-    # One entry per timed call: the shard's own batches, then timing-only calls (make_shard).
+    # One entry per timed call: the shard's own batches, then its warm-up call (make_shard), if any.
     calls = [(len(b.indices), b.stats, "sample") for b in batches] + [
         (int(st["size"]), st, str(st["kind"])) for st in timing_calls
     ]
@@ -468,6 +499,7 @@ def generate(
                     },
                 )
                 warmed: set[str] = set()  # samplers this process has warmed up
+                repeats: list[RepeatJob] = []  # made after the model's shards, interleaved over its cells
                 threads = _cpu_threads(model)
                 for cell, cell_dir, size, starts, _ in group:
                     plan.check_resolved(cell_dir, plan.resolved_identity(model, cell))
@@ -496,8 +528,14 @@ def generate(
                         cold = warm_up and cell.sampler["name"] not in warmed
                         warmed.add(cell.sampler["name"])
                         batches, timing_calls = make_shard(
-                            model, cell, cell_dir, shard, steps[cell], conditions, cold, size
+                            model, cell, cell_dir, shard, steps[cell], conditions, cold
                         )
+                        count = timing_repeats(cell, s, size)
+                        if count:
+                            bs = int(cell.config["batch_size"])
+                            repeats.append(
+                                RepeatJob(cell, cell_dir, shard[:bs], steps[cell], conditions, count)
+                            )
                         # Encoding and writing run on a background thread, so the device never waits on disk.
                         pending.append(
                             writer.submit(
@@ -512,6 +550,8 @@ def generate(
                             )
                         )
                         written += _drain(pending, progress, task, on_shard, block=False)
+                progress.update(task, description=f"{label}: timing repeats")
+                run_repeats(model, repeats)
                 threads.restore()
             written += _drain(pending, progress, task, on_shard, block=True)
     finally:

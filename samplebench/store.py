@@ -67,6 +67,24 @@ def write_shard(cell_dir: Path, first: int, arrays: dict[str, np.ndarray]) -> Pa
     return path
 
 
+def write_timing(cell_dir: Path, first: int, calls: list[dict[str, Any]]) -> Path:
+    """Timing-only repeats of a cell's first batch (generate.run_repeats), beside its shards."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        batch_sizes=np.asarray([c["size"] for c in calls], dtype=np.int64),
+        batch_seconds=np.asarray([c["seconds"] for c in calls], dtype=np.float64),
+        batch_model_seconds=np.asarray([c["model_seconds"] for c in calls], dtype=np.float64),
+        batch_decode_seconds=np.asarray([c["decode_seconds"] for c in calls], dtype=np.float64),
+        batch_kind=np.asarray(["repeat"] * len(calls)),
+    )
+    path = cell_dir / f"timing-{first:08d}.npz"
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def write_preview(cell_dir: Path, first: int, images: np.ndarray, columns: int = 8, thumb: int = 128) -> Path:
     """A PNG contact sheet of a shard's images (at most 64, scaled to `thumb` px), to look at."""
     from PIL import Image
@@ -132,6 +150,11 @@ class CellRecord:
         beyond it stay on disk for a later, larger run, but are no part of this cell)."""
         n = int(self.info["num_images"])
         return [s for s in shard_ranges(self.path) if s[0] < n]
+
+    def timing_files(self) -> list[Path]:
+        """Timing-only repeats (write_timing) of the cell's shards."""
+        n = int(self.info["num_images"])
+        return [p for p in sorted(self.path.glob("timing-*.npz")) if int(p.stem.split("-")[1]) < n]
 
     def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
         for _, _, p in self.shards():

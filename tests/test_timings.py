@@ -41,11 +41,15 @@ def test_one_batch_cells_repeat_their_batch_and_each_sampler_warms_up_once(tmp_p
     per_cell = Counter((s, n) for s, n, _, _ in calls)
     # Each sampler's first cell: 1 warm-up + 1 batch + 3 repeats; its second cell: 1 batch + 3 repeats.
     assert per_cell == {("ddim", 5): 5, ("ddim", 10): 4, ("dpmpp", 5): 5, ("dpmpp", 10): 4}
+    # The repeats come after every cell's shards, round-robin over the cells (A B C D A B C D ...).
+    tail = [(s, n) for s, n, _, _ in calls[-12:]]
+    assert tail == [("ddim", 5), ("ddim", 10), ("dpmpp", 5), ("dpmpp", 10)] * 3
     for (sampler, nfe), cell in cells.items():
         (shard,) = [store.read_shard(p) for _, _, p in cell.shards()]
-        kinds = list(shard["batch_kind"])
         warm = ["warmup"] if nfe == 5 else []
-        assert kinds == ["sample", *warm, "repeat", "repeat", "repeat"], (sampler, nfe, kinds)
+        assert list(shard["batch_kind"]) == ["sample", *warm], (sampler, nfe)
+        (timing,) = [store.read_shard(p) for p in cell.timing_files()]
+        assert list(timing["batch_kind"]) == ["repeat"] * 3 and list(timing["batch_sizes"]) == [40] * 3
         assert list(shard["indices"]) == list(range(40))  # timing-only calls add no samples
         row = timing_row(cell)
         assert row["n_timed"] == 4 and row["n_images"] == 40
@@ -70,6 +74,7 @@ def test_cells_with_enough_batches_are_not_repeated_and_only_shard_zero_repeats(
     calls, cells = _generate(tmp_path, *common, "shard_size=16", "timing.repeats=5")
     starts = Counter(first for _, _, first, _ in calls)
     assert starts == {0: 1 + 1 + 2, 8: 1, 16: 1}  # warm-up, batch, 2 repeats at 0; one batch elsewhere
+    assert [p.name for p in cells["ddim", 5].timing_files()] == ["timing-00000000.npz"]
     assert timing_row(cells["ddim", 5])["n_timed"] == 5
     calls, _ = _generate(tmp_path / "big", *common, "timing.repeats=3")
     assert len(calls) == 1 + 3  # warm-up + 3 batches, no repeats

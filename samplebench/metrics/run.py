@@ -89,12 +89,16 @@ def timing_row(cell: store.CellRecord) -> dict[str, Any]:
     """Per-cell timing from the shards' per-call records.
 
     The figure is the median over timed calls (the cell's batches and its timing-only repeats, see
-    generate.timing_repeats) of seconds per sample, with their min and max as its spread; a smaller
-    last batch is left out when full ones exist (per-sample cost depends on batch size). Warm-up calls
-    are never timed in: their cost is reported apart. A cell with nothing else (made before warm-up
-    calls existed, one batch) falls back to its warm-up batch and says so in `timing_note`.
+    generate.run_repeats, in timing-*.npz) of seconds per sample, with their min and max as its spread;
+    a smaller last batch is left out when full ones exist (per-sample cost depends on batch size).
+    Warm-up calls are never timed in: their cost is reported apart. A cell with nothing else (made
+    before warm-up calls existed, one batch) falls back to its warm-up batch and says so in
+    `timing_note`.
     """
     parts = [store.read_shard(p, TIMING_KEYS) for _, _, p in cell.shards()]
+    repeats = [store.read_shard(p, TIMING_KEYS) for p in cell.timing_files()]
+    nfe_actual = int(max(int(p["nfe"].max()) for p in parts))
+    parts += repeats
     sizes = np.concatenate([p["batch_sizes"] for p in parts])
     kinds = np.concatenate([_batch_kinds(p) for p in parts])
 
@@ -122,7 +126,7 @@ def timing_row(cell: store.CellRecord) -> dict[str, Any]:
         "guidance": float(info["guidance"]),
         "n_images": len(flags),
         "n_timed": int(full.sum()),
-        "nfe_actual": int(max(int(p["nfe"].max()) for p in parts)),
+        "nfe_actual": nfe_actual,
         "non_finite": int((~flags).sum()),
         "sec_per_image_sampling": float(np.median(rate_sampling)),
         "sec_per_image_decode": float(np.median(rate_decode)),
