@@ -4,7 +4,8 @@ clean-fid's resize), CLIP score (open_clip), ImageReward, and traj_mse.
 Features are extracted shard by shard and cached per shard, keyed by the shard's image content
 and the extractor's protocol, so memory stays flat in the number of images and a second pass,
 more images or another metric recompute nothing already done. Reference statistics are cached
-the same way, keyed by the reference images and the protocol.
+the same way, keyed by the reference images and the protocol. Cache files carry a checksum of their
+arrays (samplebench.cache): a damaged or altered one is named on stderr and recomputed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from samplebench import store
+from samplebench import cache, store
 from samplebench.errors import UsageError
 from samplebench.metrics import stats
 from samplebench.metrics.names import IMAGE
@@ -127,14 +128,18 @@ class ImageContext:
         return self._reward
 
     # -- cached per-shard quantities ---------------------------------------------------------
-    def _cached(self, kind: str, fingerprint: str, key: str, compute) -> dict[str, np.ndarray]:
+    def _cached(
+        self, kind: str, fingerprint: str, key: str, compute, keys: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        """The cached arrays `keys`, or compute()'s saved with a checksum when there are none to trust
+        (cache.load names a damaged or altered file on stderr)."""
         path = self.cache_root / "features" / kind / fingerprint / f"{key}.npz"
-        if path.exists():
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
+        found = cache.load(path, keys)
+        if found is not None:
+            return found
         out = compute()
         self.recomputed += 1
-        _save_npz(path, **out)
+        cache.save(path, **out)
         return out
 
     def inception_features(self, shard: Path) -> dict[str, np.ndarray]:
@@ -147,6 +152,7 @@ class ImageContext:
                 k: v.astype(np.float32)
                 for k, v in ext(store.read_shard(shard, ("images",))["images"]).items()
             },
+            ("pool", "logits"),
         )
 
     def clip_cosines(self, shard: Path) -> np.ndarray:
@@ -161,6 +167,7 @@ class ImageContext:
             lambda: {
                 "cos": scorer.cosine(store.read_shard(shard, ("images",))["images"], list(data["prompts"]))
             },
+            ("cos",),
         )["cos"]
 
     def rewards(self, shard: Path) -> np.ndarray:
@@ -172,6 +179,7 @@ class ImageContext:
             _digest(scorer.protocol),
             key,
             lambda: {"reward": scorer(store.read_shard(shard, ("images",))["images"], list(data["prompts"]))},
+            ("reward",),
         )["reward"]
 
     # -- reference statistics ------------------------------------------------------------------
@@ -244,7 +252,8 @@ def load_reference(ctx: ImageContext, ref: str | None) -> Reference:
             ]
             return {"pool": np.concatenate(feats)}
 
-        pool = ctx._cached("reference", ext.fingerprint(), digest, compute)["pool"].astype(np.float64)
+        pool = ctx._cached("reference", ext.fingerprint(), digest, compute, ("pool",))["pool"]
+        pool = pool.astype(np.float64)
     from samplebench.metrics.inception import statistics
 
     mu, sigma = statistics(pool)
