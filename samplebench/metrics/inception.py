@@ -140,6 +140,8 @@ class InceptionFeatures:
     and GPU kernels differ only in float32 rounding.
     """
 
+    dim = int(FEATURES[0])  # width of the pooled features (what reference mu/sigma must match)
+
     def __init__(
         self,
         mode: str = "legacy",
