@@ -9,40 +9,14 @@ import pandas as pd
 import pytest
 import tiny_models  # tests/tiny_models.py
 from cli_run import cli  # tests/cli_run.py
-from PIL import Image
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("imgmetrics")
     sd = tiny_models.make_tiny_sd(root / "sd")
-    inception = tiny_models.make_tiny_inception(root / "inception.pth")
-    clip_config, clip_ckpt = tiny_models.make_tiny_clip(root / "clip")
-    reward = tiny_models.make_tiny_image_reward(root / "reward")
-    ref = root / "ref"
-    ref.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(ref / f"{i:03d}.png")
-    metrics = [
-        "metrics.names=[fid,kid,precision,recall,is,clip_score,clip_score_paper,image_reward,traj_mse]",
-        f"metrics.ref={ref}",
-        f"metrics.inception_weights={inception}",
-        "metrics.kid.subset_size=6",
-        "metrics.is.splits=2",
-        "metrics.fid.bootstrap=20",
-        "metrics.bootstrap=100",
-        f"metrics.clip.model={tiny_models.TINY_CLIP}",
-        f"metrics.clip.pretrained={clip_ckpt}",
-        f"metrics.clip.model_config={clip_config}",
-        f"metrics.image_reward.checkpoint={reward['checkpoint']}",
-        f"metrics.image_reward.med_config={reward['med_config']}",
-        f"metrics.image_reward.tokenizer={reward['tokenizer']}",
-        "metrics.image_reward.vit=base",
-        *[f"metrics.image_reward.{k}={v}" for k, v in tiny_models.REWARD_ARCH.items()],
-        "metrics.traj_mse.sampler=dpmpp_3m",
-        "metrics.traj_mse.nfe=8",
-    ]
+    inputs = tiny_models.make_metric_inputs(root)
+    metrics, ref, inception = inputs["overrides"], inputs["ref"], inputs["inception"]
     gen = [
         "model=sd15",
         f"model.path={sd}",

@@ -442,3 +442,51 @@ def make_tiny_image_reward(root: pathlib.Path, seed: int = 0) -> dict[str, pathl
         "med_config": root / "med_config.json",
         "tokenizer": root / "vocab.txt",
     }
+
+
+def make_metric_inputs(root: pathlib.Path) -> dict:
+    """Every metric network in its upstream file format (random weights), 12 random 64x64 reference images,
+    and the `metrics.*` overrides that point samplebench at them: all nine image metrics, with subsets,
+    splits and resamples small enough for 8 images per cell.
+
+    Returns the paths (inception, clip_config, clip_checkpoint, reward: the dict of make_tiny_image_reward,
+    ref) and `overrides`, the list to pass after `samplebench sweep|metrics`.
+    """
+    import numpy as np
+    from PIL import Image
+
+    inception = make_tiny_inception(root / "inception.pth")
+    clip_config, clip_ckpt = make_tiny_clip(root / "clip")
+    reward = make_tiny_image_reward(root / "reward")
+    ref = root / "ref"
+    ref.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(ref / f"{i:03d}.png")
+    overrides = [
+        "metrics.names=[fid,kid,precision,recall,is,clip_score,clip_score_paper,image_reward,traj_mse]",
+        f"metrics.ref={ref}",
+        f"metrics.inception_weights={inception}",
+        "metrics.kid.subset_size=6",
+        "metrics.is.splits=2",
+        "metrics.fid.bootstrap=20",
+        "metrics.bootstrap=100",
+        f"metrics.clip.model={TINY_CLIP}",
+        f"metrics.clip.pretrained={clip_ckpt}",
+        f"metrics.clip.model_config={clip_config}",
+        f"metrics.image_reward.checkpoint={reward['checkpoint']}",
+        f"metrics.image_reward.med_config={reward['med_config']}",
+        f"metrics.image_reward.tokenizer={reward['tokenizer']}",
+        "metrics.image_reward.vit=base",
+        *[f"metrics.image_reward.{k}={v}" for k, v in REWARD_ARCH.items()],
+        "metrics.traj_mse.sampler=dpmpp_3m",
+        "metrics.traj_mse.nfe=8",
+    ]
+    return {
+        "inception": inception,
+        "clip_config": clip_config,
+        "clip_checkpoint": clip_ckpt,
+        "reward": reward,
+        "ref": ref,
+        "overrides": overrides,
+    }

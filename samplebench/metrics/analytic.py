@@ -12,14 +12,13 @@ traj_err: per sample, the RMS over dimensions of the distance to the exact proba
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from samplebench import store
+from samplebench import cache
 from samplebench.metrics.reference import solve_with_floor
 from samplebench.metrics.stats import mean_ci
 from samplebench.models.gmm import GaussianMixtureModel
@@ -103,18 +102,16 @@ def reference_solution(
     sigma_start: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact ODE endpoints for these samples (from the cell's first level) and the floor points;
-    computed once, cached."""
+    computed once, cached with a checksum (a damaged or altered cache file is named and recomputed)."""
     path = cache_dir / f"{_cache_key(model, model_cfg, seed, guidance, indices, rtol, sigma_start)}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            return z["reference"], z["floor"]
+    found = cache.load(path, ("reference", "floor"))
+    if found is not None:
+        return found["reference"], found["floor"]
     x_T = initial_noise(seed, indices.tolist(), model.sample_shape, torch.float64, model.device)
     ref, floor = solve_with_floor(
         model, x_T, torch.as_tensor(labels), guidance, rtol=rtol, atol=rtol, sigma_start=sigma_start
     )
-    buf = io.BytesIO()
-    np.savez(buf, reference=ref.numpy(), floor=floor.numpy())
-    store.atomic_write_bytes(path, buf.getvalue())
+    cache.save(path, reference=ref.numpy(), floor=floor.numpy())
     return ref.numpy(), floor.numpy()
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from samplebench.errors import UsageError
+from samplebench.errors import UsageError, brief
 
 _OPTION = "metrics.clip"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz", ".npy")
@@ -59,6 +59,16 @@ def _one_line(error: BaseException, limit: int = 240) -> str:
     """An exception's message squeezed onto one short line (UsageError messages are one line)."""
     text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unreadable(error: BaseException) -> bool:
+    """Whether loading a checkpoint failed on reading the file (damaged, truncated, empty, another format,
+    pickled objects) rather than on fitting its weights into the model."""
+    return (
+        isinstance(error, (EOFError, pickle.UnpicklingError))
+        or type(error).__name__ == "SafetensorError"
+        or "zip archive" in str(error)
+    )
 
 
 def _hf_hub_offline() -> bool:
@@ -131,16 +141,19 @@ class ClipScorer:
                 image_resize_mode=tag_cfg.get("resize_mode"),
                 weights_only=True,
             )
-        except pickle.UnpicklingError as e:
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - torch.load / safetensors / load_state_dict failures
+            if _unreadable(e):
+                raise UsageError(
+                    f"CLIP checkpoint {checkpoint} is damaged, not a PyTorch or safetensors file, or pickles "
+                    f"objects torch.load(weights_only=True) refuses ({brief(e)}); "
+                    f"set {_OPTION}.pretrained to an intact plain state_dict (.pt/.bin/.safetensors)"
+                ) from e
             raise UsageError(
-                f"CLIP checkpoint {checkpoint} is refused by torch.load(weights_only=True) (it pickles "
-                f"objects or is a TorchScript archive: {_one_line(e, 120)}); set {_OPTION}.pretrained to a "
-                "plain state_dict (.pt/.bin/.safetensors)"
-            ) from e
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise UsageError(
-                f"CLIP checkpoint {checkpoint} does not load into open_clip model {model} ({_one_line(e)}); "
-                f"set {_OPTION}.pretrained to weights for this model or {_OPTION}.model to their architecture"
+                f"CLIP checkpoint {checkpoint} does not load into open_clip model {model} "
+                f"({brief(e)}); set {_OPTION}.pretrained to weights for this "
+                f"model or {_OPTION}.model to their architecture"
             ) from e
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)

@@ -4,7 +4,8 @@ clean-fid's resize), CLIP score (open_clip), ImageReward, and traj_mse.
 Features are extracted shard by shard and cached per shard, keyed by the shard's image content
 and the extractor's protocol, so memory stays flat in the number of images and a second pass,
 more images or another metric recompute nothing already done. Reference statistics are cached
-the same way, keyed by the reference images and the protocol.
+the same way, keyed by the reference images and the protocol. Cache files carry a checksum of their
+arrays (samplebench.cache): a damaged or altered one is named on stderr and recomputed.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from samplebench import store
-from samplebench.errors import UsageError
+from samplebench import cache, store
+from samplebench.errors import UsageError, brief
 from samplebench.metrics import stats
 from samplebench.metrics.names import IMAGE
 
@@ -34,9 +35,19 @@ def _digest(*parts: Any) -> str:
 
 def shard_content_key(path: Path) -> str:
     """A content key for a shard's images without reading them: the zip member's CRC-32 and size."""
-    with zipfile.ZipFile(path) as z:
-        info = z.getinfo("images.npy")
-        return f"{info.CRC:08x}-{info.file_size}"
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("images.npy")
+            return f"{info.CRC:08x}-{info.file_size}"
+    except KeyError as e:
+        raise UsageError(
+            f"shard {path} holds no images (a run of the analytic model?); image metrics need a run of an "
+            "image model or an image folder"
+        ) from e
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UsageError(
+            f"shard {path} is corrupt or truncated ({e}); delete it and re-run to regenerate it"
+        ) from e
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -127,14 +138,18 @@ class ImageContext:
         return self._reward
 
     # -- cached per-shard quantities ---------------------------------------------------------
-    def _cached(self, kind: str, fingerprint: str, key: str, compute) -> dict[str, np.ndarray]:
+    def _cached(
+        self, kind: str, fingerprint: str, key: str, compute, keys: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        """The cached arrays `keys`, or compute()'s saved with a checksum when there are none to trust
+        (cache.load names a damaged or altered file on stderr)."""
         path = self.cache_root / "features" / kind / fingerprint / f"{key}.npz"
-        if path.exists():
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
+        found = cache.load(path, keys)
+        if found is not None:
+            return found
         out = compute()
         self.recomputed += 1
-        _save_npz(path, **out)
+        cache.save(path, **out)
         return out
 
     def inception_features(self, shard: Path) -> dict[str, np.ndarray]:
@@ -147,6 +162,7 @@ class ImageContext:
                 k: v.astype(np.float32)
                 for k, v in ext(store.read_shard(shard, ("images",))["images"]).items()
             },
+            ("pool", "logits"),
         )
 
     def clip_cosines(self, shard: Path) -> np.ndarray:
@@ -161,6 +177,7 @@ class ImageContext:
             lambda: {
                 "cos": scorer.cosine(store.read_shard(shard, ("images",))["images"], list(data["prompts"]))
             },
+            ("cos",),
         )["cos"]
 
     def rewards(self, shard: Path) -> np.ndarray:
@@ -172,6 +189,7 @@ class ImageContext:
             _digest(scorer.protocol),
             key,
             lambda: {"reward": scorer(store.read_shard(shard, ("images",))["images"], list(data["prompts"]))},
+            ("reward",),
         )["reward"]
 
     # -- reference statistics ------------------------------------------------------------------
@@ -189,8 +207,88 @@ def _folder_hash(paths: list[Path]) -> str:
     return h.hexdigest()[:24]
 
 
+_REF_FIX = "recompute it from the reference images, or point metrics.ref at them"
+
+
+def _read_reference_npz(path: Path, ref: str, dim: int) -> dict[str, Any]:
+    """mu, sigma, pool (or None) and the recorded protocol (or None) of a reference .npz, each checked:
+    anything unreadable, missing, misshapen or non-finite is a one-line UsageError naming the file."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - zip, zlib, pickle-refused and OS errors: not a readable .npz
+        raise UsageError(
+            f"metrics.ref={ref} is not a readable .npz (corrupt, truncated or another format: {brief(e)}); "
+            f"{_REF_FIX}"
+        ) from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UsageError(f"metrics.ref={ref} holds a single array, not mu and sigma; {_REF_FIX}")
+    try:
+        with z:
+            arrays = {k: z[k] for k in ("mu", "sigma", "pool", "protocol") if k in z.files}
+    except Exception as e:  # noqa: BLE001 - a member that does not decompress or parse
+        raise UsageError(f"metrics.ref={ref} is corrupt or truncated ({brief(e)}); {_REF_FIX}") from e
+
+    def bad(what: str) -> UsageError:
+        return UsageError(f"metrics.ref={ref}: {what}; {_REF_FIX}")
+
+    missing = [k for k in ("mu", "sigma") if k not in arrays]
+    if missing:
+        raise bad(f"has no {' and '.join(missing)} array{'s' if len(missing) > 1 else ''}")
+    mu, sigma, pool = arrays["mu"], arrays["sigma"], arrays.get("pool")
+    for name, a in (("mu", mu), ("sigma", sigma), ("pool", pool)):
+        if a is not None and a.dtype.kind not in "fiu":
+            raise bad(f"{name} holds {a.dtype} values, not real numbers")
+    if mu.ndim != 1:
+        raise bad(f"mu has shape {mu.shape}; it must be 1-d (the mean of {dim} Inception features)")
+    if mu.size == 0 or sigma.size == 0:
+        raise bad(f"mu and sigma are empty (shapes {mu.shape} and {sigma.shape})")
+    if sigma.shape != (len(mu), len(mu)):
+        raise bad(
+            f"sigma has shape {sigma.shape}; with mu of length {len(mu)} it must be {(len(mu), len(mu))}"
+        )
+    if len(mu) != dim:
+        raise bad(f"mu and sigma have {len(mu)} features, but Inception's pool features have {dim}")
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(a).all():
+            raise bad(f"{name} has {int((~np.isfinite(a)).sum())} non-finite values (NaN or inf)")
+    if pool is not None:
+        if pool.ndim != 2 or pool.shape[1] != dim or len(pool) == 0:
+            raise bad(f"pool has shape {pool.shape}; it must be (N, {dim}), N >= 1 reference images")
+        if not np.isfinite(pool).all():
+            raise bad(f"pool has {int((~np.isfinite(pool)).sum())} non-finite values (NaN or inf)")
+    recorded = None
+    if "protocol" in arrays:
+        try:
+            recorded = json.loads(str(arrays["protocol"]))
+        except ValueError:
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise bad("its protocol is not a JSON record")
+    return {
+        "mu": mu.astype(np.float64),
+        "sigma": sigma.astype(np.float64),
+        "pool": None if pool is None else pool.astype(np.float64),
+        "protocol": recorded,
+    }
+
+
+def shard_has_images(path: Path) -> bool:
+    """Whether a shard holds images (a shard of the analytic model holds only samples); a damaged shard is
+    a one-line error naming it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            if "images.npy" not in z.namelist():
+                return False
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UsageError(
+            f"shard {path} is corrupt or truncated ({e}); delete it and re-run to regenerate it"
+        ) from e
+    return len(store.read_shard(path, ("indices",))["indices"]) > 0
+
+
 def load_reference(ctx: ImageContext, ref: str | None) -> Reference:
-    """Reference statistics from an image folder, a folder of shards, or an .npz with mu and sigma."""
+    """Reference statistics from an image folder, a folder of shards, or an .npz with mu and sigma
+    (checked: a file that cannot be used is a one-line UsageError naming it and the fix)."""
     if not ref:
         raise UsageError(
             "fid, kid, precision and recall need reference images: set metrics.ref=<image folder, "
@@ -202,15 +300,9 @@ def load_reference(ctx: ImageContext, ref: str | None) -> Reference:
             f"metrics.ref={ref} does not exist; point it at an image folder, a run folder or an .npz"
         )
     ext = ctx.inception()
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "mu" not in z.files or "sigma" not in z.files:
-                raise UsageError(
-                    f"metrics.ref={ref} has no mu and sigma arrays; give an image folder instead"
-                )
-            recorded = json.loads(str(z["protocol"])) if "protocol" in z.files else None
-            pool = z["pool"] if "pool" in z.files else None
-            mu, sigma = z["mu"], z["sigma"]
+    if path.suffix == ".npz" and path.is_file():
+        z = _read_reference_npz(path, ref, ext.dim)
+        recorded = z["protocol"]
         if recorded is None and not ctx.cfg.get("ref_trust", False):
             raise UsageError(
                 f"metrics.ref={ref} does not record how its statistics were computed; set "
@@ -225,16 +317,33 @@ def load_reference(ctx: ImageContext, ref: str | None) -> Reference:
                 "recompute it from the reference images"
             )
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:24]
-        return Reference(str(path), digest, recorded or {"trusted": "true"}, mu, sigma, pool)
+        return Reference(str(path), digest, recorded or {"trusted": "true"}, z["mu"], z["sigma"], z["pool"])
+    if not path.is_dir():
+        raise UsageError(
+            f"metrics.ref={ref} is neither a folder nor an .npz; point it at an image folder, a run folder "
+            "or an .npz with mu and sigma"
+        )
     shards = sorted(path.rglob("shard-*.npz"))
     if shards:
+        shards = [s for s in shards if shard_has_images(s)]
+        if not shards:
+            raise UsageError(
+                f"metrics.ref={ref} is a folder of samplebench shards without images (a run of the analytic "
+                "model?); point it at a run of an image model, an image folder or an .npz"
+            )
         parts = [ctx.inception_features(s) for s in shards]
         pool = np.concatenate([p["pool"] for p in parts]).astype(np.float64)
         digest = _digest([shard_content_key(s) for s in shards])
     else:
         from samplebench.metrics.images import iter_image_batches, list_images
 
-        files = list_images(path)
+        try:
+            files = list_images(path)
+        except UsageError as e:
+            raise UsageError(
+                f"metrics.ref={ref} holds no images (png, jpg, jpeg, webp, bmp, directly in it) and no "
+                "samplebench shards; point it at a folder of reference images, a run folder or an .npz"
+            ) from e
         digest = _folder_hash(files)
 
         def compute() -> dict[str, np.ndarray]:
@@ -244,7 +353,13 @@ def load_reference(ctx: ImageContext, ref: str | None) -> Reference:
             ]
             return {"pool": np.concatenate(feats)}
 
-        pool = ctx._cached("reference", ext.fingerprint(), digest, compute)["pool"].astype(np.float64)
+        pool = ctx._cached("reference", ext.fingerprint(), digest, compute, ("pool",))["pool"]
+        pool = pool.astype(np.float64)
+    if len(pool) < 2:
+        raise UsageError(
+            f"metrics.ref={ref} holds {len(pool)} image; reference statistics need at least 2 (more "
+            "than 2048 for a full-rank FID)"
+        )
     from samplebench.metrics.inception import statistics
 
     mu, sigma = statistics(pool)

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from samplebench.errors import UsageError
+from samplebench.errors import UsageError, brief
 
 OPTION = "metrics.image_reward"
 
@@ -424,13 +424,16 @@ def load_checkpoint(model: ImageRewardModel, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(
-            f"ImageReward checkpoint {path} is not a plain state_dict of tensors ({first}); "
-            f"set {OPTION}.checkpoint= to the official ImageReward.pt"
+            f"ImageReward checkpoint {path} is damaged, not a PyTorch file, or not a plain state_dict of "
+            f"tensors ({brief(e)}); set {OPTION}.checkpoint= to an intact copy of "
+            "the official ImageReward.pt"
         ) from e
-    if not isinstance(state, dict):
-        raise UsageError(f"ImageReward checkpoint {path} is not a state_dict; set {OPTION}.checkpoint=")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(
+            f"ImageReward checkpoint {path} is not a state_dict of tensors; set {OPTION}.checkpoint= to "
+            "the official ImageReward.pt"
+        )
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     misfit = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

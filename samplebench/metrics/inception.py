@@ -33,7 +33,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-from samplebench.errors import UsageError
+from samplebench.errors import UsageError, brief
 
 EXTRACTOR_NAME = "inception-v3-compat"  # torch-fidelity's registry name for this network
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -104,11 +104,14 @@ def load_network(weights_path: str | Path | None) -> tuple[FeatureExtractorIncep
         net = FeatureExtractorInceptionV3(
             EXTRACTOR_NAME, list(FEATURES), feature_extractor_weights_path=str(path)
         )
-    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - torch.load of a damaged or foreign file fails in many ways
+        if isinstance(e, (EOFError, pickle.UnpicklingError)) or "zip archive" in str(e):
+            what = "is damaged or not a PyTorch file"
+        else:
+            what = "is not torch-fidelity's Inception state_dict"
         raise UsageError(
-            f"metrics.inception_weights={path} is not torch-fidelity's Inception state_dict ({first}); "
-            f"use {WEIGHTS_FILENAME}"
+            f"metrics.inception_weights={path} {what} ({brief(e)}); "
+            f"download {WEIGHTS_FILENAME} again and point metrics.inception_weights at it"
         ) from e
     return net, sha256_file(path)
 
@@ -139,6 +142,8 @@ class InceptionFeatures:
     cache, so the same weights give the same fingerprint either way. The device is not recorded: CPU
     and GPU kernels differ only in float32 rounding.
     """
+
+    dim = int(FEATURES[0])  # width of the pooled features (what reference mu/sigma must match)
 
     def __init__(
         self,

@@ -52,7 +52,7 @@ def score_path(
             feats = [ext(b) for b in iter_image_batches(files, bs)]
             return {k: np.concatenate([f[k] for f in feats]).astype(np.float32) for k in ("pool", "logits")}
 
-        f = ctx._cached("folders", ext.fingerprint(), _folder_hash(files), compute)
+        f = ctx._cached("folders", ext.fingerprint(), _folder_hash(files), compute, ("pool", "logits"))
         pool, logits = f["pool"].astype(np.float64), f["logits"].astype(np.float64)
         images_for_clip = files
     if prompts is not None and any(n.startswith("clip_score") for n in names):

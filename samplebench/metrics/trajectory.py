@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from samplebench import store
+from samplebench import cache, store
 from samplebench.config import Cell, conf_dir
 from samplebench.errors import UsageError
 
@@ -54,7 +54,8 @@ def reference_cell(cell_info: dict[str, Any], sampler: str, nfe: int, schedule: 
 
 
 def reference_latents(ctx: Any, cell: store.CellRecord, shard: Path, indices: np.ndarray) -> np.ndarray:
-    """Final latents of the reference solver for these sample indices (cached per shard)."""
+    """Final latents of the reference solver for these sample indices (cached per shard, with a checksum:
+    a damaged or altered cache file is named and recomputed; one for other indices is recomputed)."""
     from samplebench.generate import CellConditions, sample_batch, steps_for
     from samplebench.models import load_model
 
@@ -64,10 +65,9 @@ def reference_latents(ctx: Any, cell: store.CellRecord, shard: Path, indices: np
     )
     key = ref.config_hash
     path = ctx.cache_root / "traj_ref" / key / f"{shard.stem}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            if np.array_equal(z["indices"], indices):
-                return z["samples"]
+    found = cache.load(path, ("samples", "indices"))
+    if found is not None and np.array_equal(found["indices"], indices):
+        return found["samples"]
     if key not in ctx.models:
         ctx.models[key] = load_model(ref.model, ctx.device)
     model = ctx.models[key]
@@ -79,11 +79,7 @@ def reference_latents(ctx: Any, cell: store.CellRecord, shard: Path, indices: np
         for i in range(0, len(indices), bs)
     ]
     samples = np.concatenate(parts)
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, samples=samples, indices=indices)
-    store.atomic_write_bytes(path, buf.getvalue())
+    cache.save(path, samples=samples, indices=indices)
     ctx.recomputed += 1
     return samples
 
