@@ -117,20 +117,12 @@ def _check_reference(cfg: dict[str, Any], wanted: list[str]) -> str | None:
     if not path.exists():
         return f"metrics.ref={ref} does not exist"
     if path.suffix == ".npz":
-        import zipfile
+        from samplebench.metrics.image import _read_reference_npz
 
-        import numpy as np
-
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                files = set(z.files)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            return f"metrics.ref={ref} is not a readable .npz ({' '.join(str(e).split())[:80]})"
-        if not {"mu", "sigma"} <= files:
-            return f"metrics.ref={ref} has no mu and sigma arrays"
-        if "protocol" not in files and not cfg.get("ref_trust", False):
+        z = _read_reference_npz(path, str(ref), 2048)  # shapes, finite values: one-line errors
+        if z["protocol"] is None and not cfg.get("ref_trust", False):
             return f"metrics.ref={ref} does not record its protocol (metrics.ref_trust=true to use it anyway)"
-        if "pool" not in files and any(n in ("kid", "precision", "recall") for n in wanted):
+        if z["pool"] is None and any(n in ("kid", "precision", "recall") for n in wanted):
             return f"metrics.ref={ref} holds only mu and sigma; kid, precision and recall need the images"
         return None
     if list(path.rglob("shard-*.npz")):
