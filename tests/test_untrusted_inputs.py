@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import tiny_models  # tests/tiny_models.py
 import torch
-from cli_run import cli  # tests/cli_run.py
+from cli_run import cli_here as cli  # tests/cli_run.py: in-process, same entry point
 from PIL import Image
 
 from samplebench import cache

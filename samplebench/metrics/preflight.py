@@ -125,15 +125,24 @@ def _check_reference(cfg: dict[str, Any], wanted: list[str]) -> str | None:
         if z["pool"] is None and any(n in ("kid", "precision", "recall") for n in wanted):
             return f"metrics.ref={ref} holds only mu and sigma; kid, precision and recall need the images"
         return None
-    if list(path.rglob("shard-*.npz")):
+    if not path.is_dir():
+        return f"metrics.ref={ref} is neither a folder nor an .npz"
+    shards = sorted(path.rglob("shard-*.npz"))
+    if shards:
+        from samplebench.metrics.image import shard_has_images
+
+        if not any(shard_has_images(s) for s in shards):
+            return f"metrics.ref={ref} is a folder of samplebench shards without images"
         return None
     from samplebench.metrics.images import list_images
 
     try:
         files = list_images(path)
-    except UsageError as e:
-        return str(e).split(";")[0]
+    except UsageError:
+        return f"metrics.ref={ref} holds no images (png, jpg, jpeg, webp, bmp, directly in it) and no shards"
     k = int((cfg.get("prc") or {}).get("neighborhood", 3))
+    if len(files) < 2:
+        return f"metrics.ref={ref} holds {len(files)} image; reference statistics need at least 2"
     if any(n in ("precision", "recall") for n in wanted) and len(files) <= k:
         return f"metrics.ref={ref} has {len(files)} images; precision and recall need more than {k}"
     return None
