@@ -194,3 +194,14 @@ def test_chunk_size_does_not_change_the_bootstrap(gmm):
     cis = [stats.mean_ci(values, 500, seed=2, chunk_elements=c) for c in (1, 200 * 9, 10**9)]
     for ci in cis[1:]:
         np.testing.assert_allclose(ci, cis[0], rtol=0, atol=_sum_bound(200, np.abs(values).max()))
+
+
+def test_fd_exact_of_float32_samples_sums_in_float64(gmm):
+    # The metrics stage passes the stored float32 samples without a float64 copy: every sum must still
+    # be taken in float64, so the result equals that of the converted (exactly representable) samples.
+    from samplebench.metrics.analytic import fd_exact
+
+    x32 = gmm.sample_data(300, seed=4)[0].numpy().astype(np.float32)
+    assert fd_exact(x32, gmm, 100, seed=2) == pytest.approx(
+        fd_exact(x32.astype(np.float64), gmm, 100, seed=2), rel=0, abs=3 * FD_ABS
+    )

@@ -60,8 +60,10 @@ def fd_resampled(
         trace_sqrt = np.sqrt(np.clip(inner, 0, None)).sum(axis=1)
         return ((mu - mean) ** 2).sum(1) + np.trace(c1, axis1=1, axis2=2) + np.trace(cov) - 2 * trace_sqrt
 
-    x = np.asarray(samples, np.float64)
-    value = float(distances(x.mean(0)[None], np.cov(x, rowvar=False)[None])[0])
+    x = np.asarray(samples)  # float32 or float64; every sum below is taken in float64
+    value = float(
+        distances(x.mean(0, dtype=np.float64)[None], np.cov(x, rowvar=False, dtype=np.float64)[None])[0]
+    )
     parts = [distances(mu, c1) for mu, c1 in bootstrap_moments(x, reps, seed, chunk_elements)]
     return value, np.concatenate(parts) if parts else np.empty(0)
 

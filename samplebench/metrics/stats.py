@@ -49,20 +49,19 @@ def bootstrap_moments(
     Both come from one matrix product per block of rows: draw counts (k, rows) times the rows' features
     (rows, d + d(d+1)/2), each row's coordinates and the upper triangle of their outer product. The
     coordinates are taken about the sample's own mean: the resamples' means lie near it, so subtracting
-    their outer products from the second moments loses no digits."""
-    x = np.asarray(x, np.float64)
+    their outer products from the second moments loses no digits. Work is in float64 whatever x's
+    dtype, a block of rows at a time (no float64 or centred copy of x is made)."""
+    x = np.asarray(x)
     n, d = x.shape
-    centre = x.mean(0)
-    xc = x - centre
+    centre = x.mean(0, dtype=np.float64)
     iu, ju = np.triu_indices(d)  # row-major upper triangle, the order the features below are written in
     features = np.empty((min(n, ROW_BLOCK), d + len(iu)))
     rng = np.random.default_rng(seed)
     for counts in resample_counts(rng, n, reps, chunk_elements):
         sums = np.zeros((d + len(iu), len(counts)))
         for b in range(0, n, ROW_BLOCK):
-            rows = xc[b : b + ROW_BLOCK]
-            f = features[: len(rows)]
-            f[:, :d] = rows
+            f = features[: min(ROW_BLOCK, n - b)]
+            rows = np.subtract(x[b : b + ROW_BLOCK], centre, out=f[:, :d], dtype=np.float64)
             col = d
             for i in range(d):  # products x_i x_j, j >= i
                 np.multiply(rows[:, i : i + 1], rows[:, i:], out=f[:, col : col + d - i])
