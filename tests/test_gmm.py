@@ -100,3 +100,21 @@ def test_fd_exact_interval_covers_the_true_distance_at_about_the_nominal_rate(gm
         _, lo, hi = fd_exact(x.numpy() + delta, gmm, reps=200, seed=k)
         covered += lo <= true_fd <= hi
     assert 0.85 * trials <= covered <= trials, covered
+
+
+def test_reference_solve_in_row_blocks_equals_one_block(gmm, monkeypatch):
+    # The exact-ODE reference evaluates eps a block of rows at a time (bounded temporaries). Each
+    # sample's arithmetic is the same either way (bit-identical on the development machine); a BLAS
+    # that blocks by batch size could change the right-hand side by round-off, which moves the adaptive
+    # solve by at most about its tolerance (1e-10 here).
+    from samplebench.metrics import reference
+    from samplebench.seeds import initial_noise
+
+    idx = list(range(13))
+    x_T = initial_noise(0, idx, gmm.sample_shape, torch.float64, gmm.device)
+    labels = gmm.conditions(idx, 0)
+    one = reference.solve_with_floor(gmm, x_T, labels, 2.0)
+    monkeypatch.setattr(reference, "RHS_ROWS", 4)  # blocks of 4, 4, 4, 1
+    blocks = reference.solve_with_floor(gmm, x_T, labels, 2.0)
+    for a, b in zip(one, blocks, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)

@@ -13,6 +13,12 @@ from scipy.integrate import solve_ivp
 
 from samplebench.models.gmm import GaussianMixtureModel
 
+# Rows of the ODE state whose exact eps is evaluated at a time. The exact eps is per sample, so blocks
+# change no value; they keep the (rows, components, dim) temporaries of every right-hand side a few MB
+# whatever the shard size (a whole 10k-sample shard made ~10 MB tensors per call, and the C heap grew
+# over a shard's calls and from shard to shard: bench/bench_metrics_memory.py).
+RHS_ROWS = 1024
+
 
 class ReferenceSolveError(RuntimeError):
     """The exact probability-flow ODE could not be solved to tolerance (e.g. guidance so large that the
@@ -25,6 +31,18 @@ def guided_eps_ve(model: GaussianMixtureModel, y: torch.Tensor, sigma: torch.Ten
         return eps_c
     eps_u = model.eps_ve(y, sigma, torch.full_like(labels, -1))
     return eps_u + guidance * (eps_c - eps_u)
+
+
+def _guided_eps_rows(
+    model: GaussianMixtureModel, y: torch.Tensor, sigma: float, labels: torch.Tensor, guidance: float
+) -> torch.Tensor:
+    """guided_eps_ve at one noise level for every row of y, RHS_ROWS rows at a time."""
+    out = torch.empty_like(y)
+    for i in range(0, len(y), RHS_ROWS):
+        rows = y[i : i + RHS_ROWS]
+        s = torch.full((len(rows),), sigma, dtype=torch.float64, device=y.device)
+        out[i : i + RHS_ROWS] = guided_eps_ve(model, rows, s, labels[i : i + RHS_ROWS], guidance)
+    return out
 
 
 def solve_probability_flow(
@@ -62,8 +80,7 @@ def solve_with_floor(
 
     def rhs(sigma: float, flat: np.ndarray) -> np.ndarray:
         y = torch.from_numpy(flat).to(model.device).view(n, d)
-        s = torch.full((n,), sigma, dtype=torch.float64, device=model.device)
-        return guided_eps_ve(model, y, s, labels, guidance).cpu().numpy().ravel()
+        return _guided_eps_rows(model, y, sigma, labels, guidance).cpu().numpy().ravel()
 
     y0 = (x_T.double().cpu() * np.sqrt(1 + sigma_max**2)).numpy().ravel()
     sol = solve_ivp(rhs, (sigma_max, 0.0), y0, method="DOP853", rtol=rtol, atol=atol, t_eval=[sigma_min, 0.0])
@@ -71,10 +88,7 @@ def solve_with_floor(
         raise ReferenceSolveError(f"the exact ODE solve failed ({sol.message.rstrip('.')})")
     end = torch.from_numpy(sol.y[:, -1].reshape(n, d).copy())
     y_min = torch.from_numpy(sol.y[:, 0].reshape(n, d).copy())
-    s_min = torch.full((n,), sigma_min, dtype=torch.float64)
     jump = (
-        y_min
-        - sigma_min
-        * guided_eps_ve(model, y_min.to(model.device), s_min.to(model.device), labels, guidance).cpu()
+        y_min - sigma_min * _guided_eps_rows(model, y_min.to(model.device), sigma_min, labels, guidance).cpu()
     )
     return end, jump

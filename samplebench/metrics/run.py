@@ -14,6 +14,7 @@ from rich.progress import Progress
 
 from samplebench import store
 from samplebench.errors import UsageError
+from samplebench.memory import release_freed_memory
 from samplebench.metrics import analytic, preflight
 from samplebench.metrics.names import ALL, ANALYTIC, TEXT
 from samplebench.metrics.reference import ReferenceSolveError
@@ -28,12 +29,17 @@ CELL_KEY = KEY[:-1]
 MIN_FINITE = 2
 
 
-def _cell_samples(cell: store.CellRecord) -> dict[str, np.ndarray]:
-    """Samples, labels and counted NFE of a cell, read shard by shard."""
-    keys = ("samples", "labels", "indices", "nfe", "finite")
-    parts = [store.read_shard(p, keys) for _, _, p in cell.shards()]
+def _finite_samples(cell: store.CellRecord) -> np.ndarray:
+    """The finite ones of a cell's first num_images samples, in their stored dtype, read shard by shard
+    (one copy of them is held, not a second concatenated one)."""
     n = int(cell.info["num_images"])
-    return {k: np.concatenate([p[k] for p in parts])[:n] for k in keys}
+    parts, seen = [], 0
+    for _, _, path in cell.shards():
+        shard = store.read_shard(path, ("samples", "finite"))
+        take = max(0, min(len(shard["finite"]), n - seen))
+        parts.append(shard["samples"][:take][shard["finite"][:take]])
+        seen += len(shard["finite"])
+    return np.concatenate(parts)
 
 
 def finite_flags(cell: store.CellRecord) -> np.ndarray:
@@ -165,11 +171,10 @@ def _score_gmm(
     out = CellScores()
     reps = int(cfg.get("bootstrap", 1000))
     rtol = float(cfg.get("ode_rtol", 1e-10))
-    st = _cell_samples(cell)
-    ok = st["finite"]
     info = cell.info["config"]
     if "fd_exact" in names:
-        value, lo, hi = analytic.fd_exact(st["samples"][ok].astype(np.float64), model, reps)
+        value, lo, hi = analytic.fd_exact(_finite_samples(cell), model, reps)  # sums in float64
+        release_freed_memory()
         out.rows.append(dict(metric="fd_exact", value=value, ci_low=lo, ci_high=hi))
         out.protocols["fd_exact"] = {
             "definition": "Frechet distance of sample mean/covariance to the mixture's closed-form moments, "
@@ -221,6 +226,8 @@ def _traj_err_rows(
         )
         errs.append(analytic.per_sample_traj_err(shard["samples"][keep], ref[keep]))
         floors.append(analytic.per_sample_traj_err(floor[keep], ref[keep]))
+        del shard, ref, floor
+        release_freed_memory()  # the solve's freed buffers, before the next shard's solve
     per = np.concatenate(errs)
     value, lo, hi = analytic.traj_err(per, reps)
     out.rows.append(dict(metric="traj_err", value=value, ci_low=lo, ci_high=hi))

@@ -2,9 +2,76 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
+
+# Resampling bootstraps (means, paired differences, fd_exact's moments) never hold the resampled rows:
+# each resample is the count of draws of every row (the multinomial bootstrap), and resamples are taken
+# a group at a time, k of them with k * n <= CHUNK_ELEMENTS (32 MiB of counts; k >= 1), so memory does
+# not grow with reps x n. Each resample's draws are rng.integers(0, n, n), made one resample after
+# another, so the group size changes no draw; they are the draws of rng.integers(0, n, (reps, n)).
+CHUNK_ELEMENTS = 1 << 22
+# Rows of per-row features (a row's coordinates and their products) built at a time for moments.
+ROW_BLOCK = 4096
+
+
+def resample_counts(
+    rng: np.random.Generator, n: int, reps: int, chunk_elements: int = CHUNK_ELEMENTS
+) -> Iterator[np.ndarray]:
+    """(k, n) float64 arrays, one per group of k consecutive resamples: how often each of n rows is
+    drawn (with replacement, n draws) in each resample; k * n <= chunk_elements, k >= 1."""
+    per = max(1, chunk_elements // max(1, n))
+    for start in range(0, reps, per):
+        counts = np.empty((min(per, reps - start), n))
+        for row in counts:
+            row[:] = np.bincount(rng.integers(0, n, n), minlength=n)
+        yield counts
+
+
+def bootstrap_means(
+    values: np.ndarray, reps: int, seed: int = 0, chunk_elements: int = CHUNK_ELEMENTS
+) -> np.ndarray:
+    """Means of `reps` resamples (with replacement) of the 1-d `values`, from draw counts."""
+    x = np.asarray(values, np.float64)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    parts = [counts @ x / n for counts in resample_counts(rng, n, reps, chunk_elements)]
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def bootstrap_moments(
+    x: np.ndarray, reps: int, seed: int = 0, chunk_elements: int = CHUNK_ELEMENTS
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Mean (k, d) and covariance (k, d, d; n - 1 denominator, as np.cov) of the rows of each of `reps`
+    resamples of the (n, d) array x, a group of k resamples at a time.
+
+    Both come from one matrix product per block of rows: draw counts (k, rows) times the rows' features
+    (rows, d + d(d+1)/2), each row's coordinates and the upper triangle of their outer product. The
+    coordinates are taken about the sample's own mean: the resamples' means lie near it, so subtracting
+    their outer products from the second moments loses no digits. Work is in float64 whatever x's
+    dtype, a block of rows at a time (no float64 or centred copy of x is made)."""
+    x = np.asarray(x)
+    n, d = x.shape
+    centre = x.mean(0, dtype=np.float64)
+    iu, ju = np.triu_indices(d)  # row-major upper triangle, the order the features below are written in
+    features = np.empty((min(n, ROW_BLOCK), d + len(iu)))
+    rng = np.random.default_rng(seed)
+    for counts in resample_counts(rng, n, reps, chunk_elements):
+        sums = np.zeros((d + len(iu), len(counts)))
+        for b in range(0, n, ROW_BLOCK):
+            f = features[: min(ROW_BLOCK, n - b)]
+            rows = np.subtract(x[b : b + ROW_BLOCK], centre, out=f[:, :d], dtype=np.float64)
+            col = d
+            for i in range(d):  # products x_i x_j, j >= i
+                np.multiply(rows[:, i : i + 1], rows[:, i:], out=f[:, col : col + d - i])
+                col += d - i
+            sums += f.T @ counts[:, b : b + ROW_BLOCK].T
+        offset = sums[:d].T / n  # (k, d): each resample's mean minus the sample's
+        second = np.empty((len(counts), d, d))  # sum over a resample's draws of xc xc^T
+        second[:, iu, ju] = second[:, ju, iu] = sums[d:].T
+        cov = (second - n * offset[:, :, None] * offset[:, None, :]) / (n - 1)
+        yield centre + offset, cov
 
 
 def bootstrap_ci(
@@ -31,14 +98,13 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def mean_ci(values: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean with a percentile-bootstrap interval, vectorised (the mean of resampled rows)."""
-    rng = np.random.default_rng(seed)
-    n = len(values)
-    idx = rng.integers(0, n, (reps, n))
-    means = values[idx].mean(axis=1)
+def mean_ci(
+    values: np.ndarray, reps: int = 1000, seed: int = 0, chunk_elements: int = CHUNK_ELEMENTS
+) -> tuple[float, float, float]:
+    """Mean with a percentile-bootstrap interval (means of resamples, from draw counts in bounded groups)."""
+    means = bootstrap_means(values, reps, seed, chunk_elements)
     lo, hi = np.quantile(means, [0.025, 0.975])
-    return float(values.mean()), float(lo), float(hi)
+    return float(np.mean(values)), float(lo), float(hi)
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -145,12 +211,13 @@ def isc_bootstrap(logits: np.ndarray, splits: int, reps: int, seed: int = 0) -> 
     return out
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> dict[str, float]:
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0, chunk_elements: int = CHUNK_ELEMENTS
+) -> dict[str, float]:
     """Mean of a - b over the same images, a 95% bootstrap interval and a two-sided bootstrap p-value
     (twice the share of resampled means on the far side of zero)."""
     diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), (reps, len(diff)))].mean(1)
+    means = bootstrap_means(diff, reps, seed, chunk_elements)
     lo, hi = percentile_interval(means)
     p = 2 * min((means <= 0).mean(), (means >= 0).mean())
     return {"diff": float(diff.mean()), "ci_low": lo, "ci_high": hi, "p_value": float(min(1.0, p))}
