@@ -269,20 +269,37 @@ class CellConditions:
         return None, np.full(len(indices), -1), ["" for _ in indices], ["" for _ in indices]
 
 
-def sample_batch(model: Any, cell: Cell, indices: list[int], steps: int, conditions: CellConditions) -> Batch:
-    """Run the cell's sampler on one batch (device-synchronised timing), then decode to images."""
-    spec = get_sampler(cell.sampler["name"])
-    seed = int(cell.config["seed"])
-    grid = grid_for(model, cell, steps)
-    x_T = initial_noise(seed, indices, model.sample_shape, model.dtype, model.device)
+@dataclass(frozen=True)
+class BatchInputs:
+    """What a batch starts from: x_T and the condition of each sample (functions of (seed, i) alone)."""
+
+    indices: list[int]
+    x_T: torch.Tensor
+    cond: Any
+    labels: np.ndarray
+    prompt_ids: list[str]
+    prompts: list[str]
+
+
+def batch_inputs(model: Any, cell: Cell, indices: list[int], conditions: CellConditions) -> BatchInputs:
+    x_T = initial_noise(int(cell.config["seed"]), indices, model.sample_shape, model.dtype, model.device)
     cond, labels, ids, texts = conditions(indices)
+    return BatchInputs(indices, x_T, cond, labels, ids, texts)
+
+
+def run_batch(model: Any, cell: Cell, inputs: BatchInputs, steps: int) -> Batch:
+    """Run the cell's sampler from prepared inputs (device-synchronised timing), then decode to images.
+    Timing repeats call this with the same inputs again; sampler noise is drawn afresh from (seed, i)."""
+    spec = get_sampler(cell.sampler["name"])
+    seed, indices = int(cell.config["seed"]), inputs.indices
+    grid = grid_for(model, cell, steps)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    counter = CountingDenoiser(guided_denoiser(model, cond, cell.guidance), sync)
+    counter = CountingDenoiser(guided_denoiser(model, inputs.cond, cell.guidance), sync)
     gens = sampler_generators(seed, indices) if spec.kind == "sde" or cell.sampler.get("eta", 0) else None
     sync()
     start = time.perf_counter()
     with torch.no_grad():
-        x = model.noise_schedule.initial_state(x_T, float(grid.sigmas[0]))
+        x = model.noise_schedule.initial_state(inputs.x_T, float(grid.sigmas[0]))
         x0 = spec.run(counter, x, grid, _sampler_options(cell), gens)
     sync()
     seconds = time.perf_counter() - start
@@ -298,7 +315,12 @@ def sample_batch(model: Any, cell: Cell, indices: list[int], steps: int, conditi
         "model_seconds": counter.seconds,
         "decode_seconds": decode_seconds,
     }
-    return Batch(indices, x0, labels, ids, texts, stats, images)
+    return Batch(indices, x0, inputs.labels, inputs.prompt_ids, inputs.prompts, stats, images)
+
+
+def sample_batch(model: Any, cell: Cell, indices: list[int], steps: int, conditions: CellConditions) -> Batch:
+    """One batch of a cell: its inputs, then the sampler (run_batch)."""
+    return run_batch(model, cell, batch_inputs(model, cell, indices, conditions), steps)
 
 
 def make_shard(
@@ -344,10 +366,13 @@ def run_repeats(model: Any, jobs: list[RepeatJob]) -> None:
     and shows in each cell's range, instead of landing on a few cells back to back. Written per cell as
     timing-<first>.npz beside its shards (read by metrics.run.timing_row); outputs are discarded."""
     calls: dict[int, list[dict[str, Any]]] = {k: [] for k in range(len(jobs))}
+    inputs: dict[int, BatchInputs] = {}  # made once per cell: only the sampler's run is timed and repeated
     for r in range(max((j.count for j in jobs), default=0)):
         for k, job in enumerate(jobs):
             if r < job.count:
-                extra = sample_batch(model, job.cell, job.indices, job.steps, job.conditions)
+                if k not in inputs:
+                    inputs[k] = batch_inputs(model, job.cell, job.indices, job.conditions)
+                extra = run_batch(model, job.cell, inputs[k], job.steps)
                 calls[k].append({**extra.stats, "size": len(extra.indices)})
     for k, job in enumerate(jobs):
         if calls[k]:

@@ -21,15 +21,15 @@ def _generate(tmp_path, *overrides):
     import samplebench.generate as generate
 
     calls = []
-    real = generate.sample_batch
+    real = generate.run_batch
 
-    def counting(model, cell, indices, steps, conditions):
-        calls.append((cell.sampler_label, cell.nfe, indices[0], len(indices)))
-        return real(model, cell, indices, steps, conditions)
+    def counting(model, cell, inputs, steps):  # every sampler run: batches, warm-ups and repeats
+        calls.append((cell.sampler_label, cell.nfe, inputs.indices[0], len(inputs.indices)))
+        return real(model, cell, inputs, steps)
 
     cells = plan([f"results_dir={tmp_path}", "run=r", *overrides])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generate, "sample_batch", counting)
+        mp.setattr(generate, "run_batch", counting)
         generate.generate(cells, worker="w")
     return calls, {(c.info["sampler_label"], c.info["nfe"]): c for c in store.find_cells(tmp_path / "r")}
 
@@ -153,17 +153,17 @@ def test_the_analytic_model_runs_on_one_cpu_thread_and_the_count_comes_back(tmp_
 
     import samplebench.generate as generate
 
-    seen, real = [], generate.sample_batch
+    seen, real = [], generate.run_batch
 
-    def recording(model, cell, indices, steps, conditions):
+    def recording(model, cell, inputs, steps):
         seen.append(torch.get_num_threads())
-        return real(model, cell, indices, steps, conditions)
+        return real(model, cell, inputs, steps)
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(generate, "sample_batch", recording)
+            mp.setattr(generate, "run_batch", recording)
             generate.generate(
                 plan([f"results_dir={tmp_path}", "run=r", "sampler=ddim", "nfe=5", "num_images=8"])
             )
