@@ -20,14 +20,20 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
     )
 
 
-def cli_here(*args: str) -> subprocess.CompletedProcess:
-    """`samplebench ARGS` through samplebench.cli.main in this process: exit code, stdout and stderr."""
+def cli_here(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`samplebench ARGS` through samplebench.cli.main in this process: exit code, stdout and stderr
+    (`env`: the environment for the call, restored after)."""
+    import os
+
     from samplebench import cli as entry
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    saved = sys.argv
+    saved, saved_env = sys.argv, dict(os.environ)
     sys.argv = ["samplebench", *args]
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -36,4 +42,7 @@ def cli_here(*args: str) -> subprocess.CompletedProcess:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = saved
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(saved_env)
     return subprocess.CompletedProcess(["samplebench", *args], code, out.getvalue(), err.getvalue())

@@ -2,8 +2,9 @@
 one-line error (exit 2, or 130 for Ctrl-C) or a counted, reported exclusion, and the finished shards
 of the runs already there are never touched.
 
-Every case runs `samplebench` as a user does (a child process, tests/cli_run.py) on tiny models built
-here: the analytic model and a randomly initialised Stable Diffusion in diffusers' format.
+Every case runs samplebench's entry point as a user does (tests/cli_run.py: in this process, or a child
+process where a signal or a race between processes is the point) on tiny models built here: the
+analytic model and a randomly initialised Stable Diffusion in diffusers' format.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tiny_models  # tests/tiny_models.py
-from cli_run import cli  # tests/cli_run.py
+from cli_run import cli_here as cli  # tests/cli_run.py: same entry point, in-process
 from PIL import Image
 
 from samplebench import store
