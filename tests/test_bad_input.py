@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from cli_run import cli  # tests/cli_run.py
+from cli_run import cli_here as cli  # tests/cli_run.py: same entry point, in-process
 
 BASE = ["sampler=ddim", "nfe=5", "num_images=64", "shard_size=32", "run=r"]
 
