@@ -122,7 +122,17 @@ def offline_sweep_skips_with_on_missing_skip(w):
 def ctrl_c_during_a_sweep(w):
     cmd = [sys.executable, "-m", "samplebench.cli", "sweep", "sampler=ddim", "nfe=5", "num_images=400000"]
     cmd += ["shard_size=500", "batch_size=500", f"results_dir={w['results']}", "run=ctrlc"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches a foreground job whose SIGINT is at its default. A process started in the
+    # background by a non-interactive shell (`make test &`, nohup, some CI runners) inherits SIGINT
+    # *ignored*, and Python then installs no KeyboardInterrupt handler: the child would never see the
+    # signal. So the child gets the disposition a terminal's foreground job has.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     cell = w["results"] / "ctrlc" / "gmm" / "ddim" / "karras" / "nfe=5" / "cfg=1"
     deadline = time.monotonic() + 300  # only stops a hung child: the test waits for a shard, not a time
     while not list(cell.glob("shard-*.npz")) and proc.poll() is None and time.monotonic() < deadline:

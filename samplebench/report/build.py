@@ -134,7 +134,8 @@ def not_computed(run_dirs: list[Path], df: pd.DataFrame | None) -> list[str]:
                 model, sampler, schedule, nfe, guidance, metric = key.split("|")
                 where = " · ".join(x for x in (model, sampler, schedule) if x and x != "nan")
                 cell = f"{where} · NFE {nfe} · guidance {float(guidance):g}"
-                lines.append(f"{metric} of {cell}: {proto['excluded']}")
+                reason = str(proto["excluded"]).removeprefix("not computed: ")
+                lines.append(f"{metric} of {cell}: {reason}")
     return lines
 
 
