@@ -16,7 +16,13 @@ import torch
 
 from samplebench.errors import UsageError
 from samplebench.samplers.base import NfeRule, SamplerSpec
-from samplebench.samplers.deis import sample_deis
+from samplebench.samplers.deis import (
+    RK_TABLEAUX,
+    sample_deis,
+    sample_deis_rhoab,
+    sample_deis_rhork,
+    sample_deis_tab,
+)
 from samplebench.samplers.diffusers_loop import diffusers_nfe_rule, run_scheduler
 from samplebench.samplers.dpm_solver import (
     sample_dpm_multistep,
@@ -41,11 +47,15 @@ ONE = NfeRule(1, 0)
 TWO_BUT_LAST = NfeRule(2, -1)  # a second evaluation on every step but the last (to 0)
 
 
-def native(fn: Callable[..., torch.Tensor], **fixed: Any) -> Callable[..., torch.Tensor]:
-    """Registry adapter for `fn(denoise, x, sigmas, generators, **options)`."""
+def native(
+    fn: Callable[..., torch.Tensor], with_noise: bool = False, **fixed: Any
+) -> Callable[..., torch.Tensor]:
+    """Registry adapter for `fn(denoise, x, sigmas, generators, **options)`; with_noise=True also
+    passes the model's NoiseSchedule as `noise=` (a sampler that needs the model's time variable)."""
 
     def run(denoise, x: torch.Tensor, grid: Grid, options: dict[str, Any], generators) -> torch.Tensor:
-        return fn(denoise, x, grid.sigmas, generators, **{**options, **fixed})
+        extra = {"noise": grid.noise} if with_noise else {}
+        return fn(denoise, x, grid.sigmas, generators, **{**options, **fixed, **extra})
 
     run.__wrapped__ = fn  # type: ignore[attr-defined]
     return run
@@ -54,6 +64,17 @@ def native(fn: Callable[..., torch.Tensor], **fixed: Any) -> Callable[..., torch
 def _single_rule(options: dict[str, Any], schedule: dict[str, Any]) -> NfeRule:
     order = int(options.get("order", 3))
     return NfeRule(order, -(order - 1))  # `order` evaluations per step, one on the last step to 0
+
+
+def _rk_rule(options: dict[str, Any], schedule: dict[str, Any]) -> NfeRule:
+    method = str(options.get("method", "3kutta"))
+    if method not in RK_TABLEAUX:
+        valid = ", ".join(RK_TABLEAUX)
+        raise UsageError(
+            f"sampler.method={method} is not valid for sampler=deis_rhork; choose one of {valid}"
+        )
+    stages = len(RK_TABLEAUX[method][0])
+    return NfeRule(stages, -(stages - 1))  # every stage on each step, one evaluation on the last step to 0
 
 
 SOLVER_TYPE = {"solver_type": ("midpoint", "heun")}
@@ -67,16 +88,19 @@ CHOICES = {
     "dpmpp_sde": SOLVER_TYPE,
     "unipc": {"order": (1, 2, 3), "variant": ("bh1", "bh2")},
     "deis": {"order": (1, 2, 3)},
+    "deis_tab": {"order": (1, 2, 3, 4)},
+    "deis_rhoab": {"order": (1, 2, 3, 4)},
+    "deis_rhork": {"method": tuple(RK_TABLEAUX)},
 }
 
 
-def _n(name, title, kind, rule, fn, source, repeats=False, **fixed) -> SamplerSpec:
+def _n(name, title, kind, rule, fn, source, repeats=False, with_noise=False, **fixed) -> SamplerSpec:
     return SamplerSpec(
         name,
         title,
         kind,
         rule,
-        native(fn, **fixed),
+        native(fn, with_noise, **fixed),
         source,
         repeats_levels=repeats,
         choices=CHOICES.get(name, {}),
@@ -152,6 +176,32 @@ NATIVE = [
     _n("unipc", "UniPC", "ode", ONE, sample_unipc, "Zhao et al. 2023, arXiv:2302.04867"),
     _n("ipndm", "iPNDM", "ode", ONE, sample_ipndm, "Zhang & Chen 2023, arXiv:2204.13902, iPNDM"),
     _n("deis", "DEIS (rho-AB)", "ode", ONE, sample_deis, "Zhang & Chen 2023, arXiv:2204.13902"),
+    _n(
+        "deis_tab",
+        "tAB-DEIS",
+        "ode",
+        ONE,
+        sample_deis_tab,
+        "Zhang & Chen 2023 (ICLR), arXiv:2204.13902; qsh-zh/deis get_sampler_t_ab",
+        with_noise=True,
+    ),
+    _n(
+        "deis_rhoab",
+        "rhoAB-DEIS",
+        "ode",
+        ONE,
+        sample_deis_rhoab,
+        "Zhang & Chen 2023 (ICLR), arXiv:2204.13902; qsh-zh/deis get_sampler_rho_ab",
+    ),
+    _n(
+        "deis_rhork",
+        "rhoRK-DEIS",
+        "ode",
+        _rk_rule,
+        sample_deis_rhork,
+        "Zhang & Chen 2023 (ICLR), arXiv:2204.13902; qsh-zh/deis get_sampler_rho_rk",
+        repeats=True,
+    ),
 ]
 
 
