@@ -34,6 +34,7 @@ from samplebench.samplers.euler import (
     sample_lms,
 )
 from samplebench.samplers.ipndm import sample_ipndm
+from samplebench.samplers.momentum import sample_dpmpp_hb, sample_ghvb, sample_hb, validate_beta
 from samplebench.samplers.unipc import sample_unipc
 from samplebench.schedules import Grid
 
@@ -67,10 +68,12 @@ CHOICES = {
     "dpmpp_sde": SOLVER_TYPE,
     "unipc": {"order": (1, 2, 3), "variant": ("bh1", "bh2")},
     "deis": {"order": (1, 2, 3)},
+    "hb": {"order": (1, 2, 3, 4)},
+    "ghvb": {"order": (1, 2, 3, 4)},
 }
 
 
-def _n(name, title, kind, rule, fn, source, repeats=False, **fixed) -> SamplerSpec:
+def _n(name, title, kind, rule, fn, source, repeats=False, validate=None, **fixed) -> SamplerSpec:
     return SamplerSpec(
         name,
         title,
@@ -80,7 +83,11 @@ def _n(name, title, kind, rule, fn, source, repeats=False, **fixed) -> SamplerSp
         source,
         repeats_levels=repeats,
         choices=CHOICES.get(name, {}),
+        validate=validate,
     )
+
+
+MOMENTUM = "Wizadwongsa et al. 2024 (ICLR), arXiv:2307.11118; sWizad/momentum-diffusion"
 
 
 NATIVE = [
@@ -152,6 +159,33 @@ NATIVE = [
     _n("unipc", "UniPC", "ode", ONE, sample_unipc, "Zhao et al. 2023, arXiv:2302.04867"),
     _n("ipndm", "iPNDM", "ode", ONE, sample_ipndm, "Zhang & Chen 2023, arXiv:2204.13902, iPNDM"),
     _n("deis", "DEIS (rho-AB)", "ode", ONE, sample_deis, "Zhang & Chen 2023, arXiv:2204.13902"),
+    _n(
+        "hb",
+        "PLMS/iPNDM with heavy-ball momentum",
+        "ode",
+        ONE,
+        sample_hb,
+        f"{MOMENTUM} PLMSWithHBScheduler, hb_sample",
+        validate=validate_beta,
+    ),
+    _n(
+        "ghvb",
+        "GHVB (generalised heavy ball)",
+        "ode",
+        ONE,
+        sample_ghvb,
+        f"{MOMENTUM} GHVBScheduler, ghvb_sample, AdamBmixer",
+        validate=validate_beta,
+    ),
+    _n(
+        "dpmpp_hb",
+        "DPM-Solver++(2M) with heavy-ball momentum",
+        "ode",
+        ONE,
+        sample_dpmpp_hb,
+        f"{MOMENTUM} MomentumDPMSolverMultistepScheduler",
+        validate=validate_beta,
+    ),
 ]
 
 
