@@ -12,6 +12,8 @@ Part 2, diffusers (the registry's `diffusers:<name>` entries, run through the ad
 sweep runs them): see the tolerance notes above TWIN_RTOL. Not compared, and why:
 - ipndm: neither library has iPNDM (diffusers' PNDM warms up with a Heun step and one more
   evaluation); dpm (multistep, noise prediction), unipc and deis have no k-diffusion counterpart.
+- hb, ghvb, dpmpp_hb (momentum): neither library has them; test_momentum.py checks them against
+  float64 transcriptions of the official code (sWizad/momentum-diffusion) and their base solvers.
 - dpmpp_2s vs DPMSolverSinglestepScheduler: diffusers takes the intermediate level from the grid
   (orders 1, 2, 1, 2, ...), DPM-Solver++(2S) the log-midpoint of each step: different algorithms.
 - euler_a on karras/logsnr: EulerAncestralDiscreteScheduler takes diffusers' spacings only.

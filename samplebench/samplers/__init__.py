@@ -40,6 +40,7 @@ from samplebench.samplers.euler import (
     sample_lms,
 )
 from samplebench.samplers.ipndm import sample_ipndm
+from samplebench.samplers.momentum import sample_dpmpp_hb, sample_ghvb, sample_hb, validate_beta
 from samplebench.samplers.unipc import sample_unipc
 from samplebench.schedules import Grid
 
@@ -91,10 +92,14 @@ CHOICES = {
     "deis_tab": {"order": (1, 2, 3, 4)},
     "deis_rhoab": {"order": (1, 2, 3, 4)},
     "deis_rhork": {"method": tuple(RK_TABLEAUX)},
+    "hb": {"order": (1, 2, 3, 4)},
+    "ghvb": {"order": (1, 2, 3, 4)},
 }
 
 
-def _n(name, title, kind, rule, fn, source, repeats=False, with_noise=False, **fixed) -> SamplerSpec:
+def _n(
+    name, title, kind, rule, fn, source, repeats=False, with_noise=False, validate=None, **fixed
+) -> SamplerSpec:
     return SamplerSpec(
         name,
         title,
@@ -104,7 +109,11 @@ def _n(name, title, kind, rule, fn, source, repeats=False, with_noise=False, **f
         source,
         repeats_levels=repeats,
         choices=CHOICES.get(name, {}),
+        validate=validate,
     )
+
+
+MOMENTUM = "Wizadwongsa et al. 2024 (ICLR), arXiv:2307.11118; sWizad/momentum-diffusion"
 
 
 NATIVE = [
@@ -201,6 +210,33 @@ NATIVE = [
         sample_deis_rhork,
         "Zhang & Chen 2023 (ICLR), arXiv:2204.13902; qsh-zh/deis get_sampler_rho_rk",
         repeats=True,
+    ),
+    _n(
+        "hb",
+        "PLMS/iPNDM with heavy-ball momentum",
+        "ode",
+        ONE,
+        sample_hb,
+        f"{MOMENTUM} PLMSWithHBScheduler, hb_sample",
+        validate=validate_beta,
+    ),
+    _n(
+        "ghvb",
+        "GHVB (generalised heavy ball)",
+        "ode",
+        ONE,
+        sample_ghvb,
+        f"{MOMENTUM} GHVBScheduler, ghvb_sample, AdamBmixer",
+        validate=validate_beta,
+    ),
+    _n(
+        "dpmpp_hb",
+        "DPM-Solver++(2M) with heavy-ball momentum",
+        "ode",
+        ONE,
+        sample_dpmpp_hb,
+        f"{MOMENTUM} MomentumDPMSolverMultistepScheduler",
+        validate=validate_beta,
     ),
 ]
 

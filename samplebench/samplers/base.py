@@ -66,6 +66,8 @@ class SamplerSpec:
     repeats_levels: bool = False
     step_options: tuple[str, ...] = field(default=())
     choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # Checks that `choices` cannot list (a number in a range): raises a one-line UsageError.
+    validate: Callable[[dict[str, Any]], None] | None = None
 
     def check(self, options: dict[str, Any]) -> None:
         """A one-line error for an option value the sampler does not take."""
@@ -75,6 +77,8 @@ class SamplerSpec:
                     f"sampler.{key}={options[key]} is not valid for sampler={self.name}; "
                     f"choose one of {', '.join(map(str, valid))}"
                 )
+        if self.validate is not None:
+            self.validate(options)
 
     def rule(self, options: dict[str, Any], schedule: dict[str, Any]) -> NfeRule:
         """The NFE rule for these options and this schedule (most samplers: a constant)."""
