@@ -34,6 +34,7 @@ from samplebench.samplers.euler import (
     sample_lms,
 )
 from samplebench.samplers.ipndm import sample_ipndm
+from samplebench.samplers.teleport import BASES, run_teleport, teleport_rule
 from samplebench.samplers.unipc import sample_unipc
 from samplebench.schedules import Grid
 
@@ -44,7 +45,9 @@ TWO_BUT_LAST = NfeRule(2, -1)  # a second evaluation on every step but the last 
 def native(fn: Callable[..., torch.Tensor], **fixed: Any) -> Callable[..., torch.Tensor]:
     """Registry adapter for `fn(denoise, x, sigmas, generators, **options)`."""
 
-    def run(denoise, x: torch.Tensor, grid: Grid, options: dict[str, Any], generators) -> torch.Tensor:
+    def run(
+        denoise, x: torch.Tensor, grid: Grid, options: dict[str, Any], generators, context=None
+    ) -> torch.Tensor:
         return fn(denoise, x, grid.sigmas, generators, **{**options, **fixed})
 
     run.__wrapped__ = fn  # type: ignore[attr-defined]
@@ -291,7 +294,23 @@ DIFFUSERS = [
     _d("unipc", "UniPC", "ode", "UniPCMultistepScheduler", "Zhao et al. 2023"),
 ]
 
-SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in NATIVE + DIFFUSERS}
+# Samplers that hand over to another registered sampler (after the registry above exists).
+COMPOSED = [
+    SamplerSpec(
+        "teleport",
+        "Gaussian teleportation, then a base sampler",
+        "ode",
+        teleport_rule,
+        run_teleport,
+        "Wang & Vastola 2024 (TMLR), arXiv:2412.09726; Animadversio/GaussianTeleportationDiffusion "
+        "analytical_score_lib.Gaussian_score",
+        skips_levels=True,
+        needs_context=True,
+        choices={"base": BASES},
+    ),
+]
+
+SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in NATIVE + DIFFUSERS + COMPOSED}
 
 
 def get_sampler(name: str) -> SamplerSpec:
