@@ -126,7 +126,7 @@ def _check(options: dict[str, Any]) -> tuple[str, int]:
 
 
 def teleport_rule(options: dict[str, Any], schedule: dict[str, Any]) -> NfeRule:
-    """The base sampler's rule on N steps, for a schedule of N + skip steps: evals = p (N + skip) + o - p skip."""
+    """The base sampler's rule on N steps, for a schedule of N + skip steps: p (N + skip) + o - p skip."""
     from samplebench.samplers import get_sampler
 
     base, skip = _check(options)
