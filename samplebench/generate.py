@@ -26,7 +26,7 @@ from samplebench.errors import UsageError
 from samplebench.models import load_model
 from samplebench.prompts import load_labels, load_prompts
 from samplebench.samplers import get_sampler
-from samplebench.samplers.base import CountingDenoiser, guided_denoiser
+from samplebench.samplers.base import CountingDenoiser, SamplerContext, guided_denoiser
 from samplebench.schedules import Grid, make_grid
 from samplebench.seeds import STREAM_NOISE, initial_noise, sample_seed, sampler_generators
 
@@ -300,7 +300,8 @@ def run_batch(model: Any, cell: Cell, inputs: BatchInputs, steps: int) -> Batch:
     start = time.perf_counter()
     with torch.no_grad():
         x = model.noise_schedule.initial_state(inputs.x_T, float(grid.sigmas[0]))
-        x0 = spec.run(counter, x, grid, _sampler_options(cell), gens)
+        context = SamplerContext(model, inputs.cond, cell.guidance)
+        x0 = spec.run(counter, x, grid, _sampler_options(cell), gens, context)
     sync()
     seconds = time.perf_counter() - start
     images, decode_seconds = None, 0.0

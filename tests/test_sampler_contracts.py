@@ -51,17 +51,23 @@ def test_registry_contracts_on_every_schedule(gmm, name):
                 continue
             first_x, first_sigma = counter.visits[0]
             s0 = float(first_sigma.reshape(-1)[0])
+            if spec.skips_levels:  # teleportation: the first `skip` intervals are crossed without the network
+                skip = options(name)["skip"]
+                assert s0 == pytest.approx(float(grid.sigmas[skip]), rel=1e-12), (name, schedule, nfe)
             # diffusers' spacings are its own per scheduler (README); every other grid is ours exactly.
             expected = float(grid.sigmas[0])
             if spec.family == "diffusers" and "integer" in spec.grids:  # rounded to a training timestep
                 noise = gmm.noise_schedule
                 expected = float(noise.t_to_sigma(noise.sigma_to_t(grid.sigmas[:1]).round())[0])
-            if not (spec.family == "diffusers" and schedule in ("linspace", "leading", "trailing")):
+            if not spec.skips_levels and not (
+                spec.family == "diffusers" and schedule in ("linspace", "leading", "trailing")
+            ):
                 assert s0 == pytest.approx(expected, rel=1e-6), (
                     f"{name} {schedule} nfe={nfe}: first call at sigma={s0}, expected {expected}"
                 )
             x_T = x0 / np.sqrt(1 + float(grid.sigmas[0]) ** 2)
-            torch.testing.assert_close(first_x, x_T * np.sqrt(1 + s0**2), rtol=1e-6, atol=1e-6)
+            if not spec.skips_levels:  # (a teleported start is checked in test_teleport.py)
+                torch.testing.assert_close(first_x, x_T * np.sqrt(1 + s0**2), rtol=1e-6, atol=1e-6)
             levels = [float(s.reshape(-1)[0]) for _, s in counter.visits]
             if not spec.repeats_levels:
                 assert len(set(np.round(levels, 12))) == len(levels), (

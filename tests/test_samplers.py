@@ -18,7 +18,7 @@ from samplebench.config import conf_dir
 from samplebench.errors import UsageError
 from samplebench.metrics.reference import solve_with_floor
 from samplebench.samplers import SAMPLERS, get_sampler
-from samplebench.samplers.base import CountingDenoiser, guided_denoiser
+from samplebench.samplers.base import CountingDenoiser, SamplerContext, guided_denoiser
 from samplebench.schedules import SCHEDULES, make_grid
 from samplebench.seeds import initial_noise, sampler_generators
 
@@ -72,7 +72,8 @@ def run(
     steps = spec.rule(opts, sched).steps(nfe, name, allow_lower)
     grid = make_grid(sched, gmm.noise_schedule, steps)
     x = gmm.noise_schedule.initial_state(x_T, float(grid.sigmas[0]))
-    out = spec.run(counter, x, grid, opts, sampler_generators(sampler_seed, indices))
+    context = SamplerContext(gmm, labels, guidance)
+    out = spec.run(counter, x, grid, opts, sampler_generators(sampler_seed, indices), context)
     return (out, counter.calls, counter, grid, x) if record else (out, counter.calls)
 
 
@@ -121,6 +122,7 @@ OPTION_VALUES = {
     # The momentum samplers' beta lives in (0, 1] (1 = no momentum): at 0 heavy ball never updates its
     # velocity and GHVB's weights divide by beta, so 0 is refused (a UsageError) rather than tried.
     ("beta", 0.8): (0.5, 0.8, 1.0),
+    ("skip", 2): (0, 1, 2, 3),
 }
 SIGMA_MIN = {"final_sigmas_type": "sigma_min"}
 # (sampler, option) -> (other options, schedule, NFE, why): where an option acts only away from the conf
@@ -243,7 +245,9 @@ def test_options_are_real_arguments(gmm, name):
     away from the conf defaults, and NO_EFFECT the options that cannot act, each with the reason."""
     run_fn = SAMPLERS[name].run
     keywords = getattr(run_fn, "keywords", None)
-    if keywords is None:  # native: the options are keyword arguments of the sampling function
+    if keywords is None and hasattr(run_fn, "accepts"):  # composed samplers say which options they read
+        accepted = set(run_fn.accepts)
+    elif keywords is None:  # native: the options are keyword arguments of the sampling function
         accepted = set(inspect.signature(run_fn.__wrapped__).parameters)
     else:
         cls = getattr(diffusers, keywords["class_name"])

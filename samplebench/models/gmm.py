@@ -107,6 +107,20 @@ class GaussianMixtureModel:
         ).sum(0)
         return mean, second - mean[:, None] * mean[None, :]
 
+    def gaussian_moments(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sample, the mean, eigenvectors (columns) and eigenvalues of the data's covariance given
+        its condition: component k itself for label k (exact: the data given k are Gaussian), the
+        mixture's moment-matched Gaussian for label -1 (teleportation's Gaussian approximation)."""
+        labels = cond.to(self.device)
+        mean_all, cov_all = self.moments()
+        values_all, vectors_all = torch.linalg.eigh(cov_all)
+        k = labels.clamp(min=0)
+        uncond = (labels < 0)[:, None]
+        mean = torch.where(uncond, mean_all[None], self.means[k])
+        values = torch.where(uncond, values_all[None], self.eigenvalues[k])
+        vectors = torch.where(uncond[:, :, None], vectors_all[None], self.rotations[k])
+        return mean, vectors, values
+
     def sample_data(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """n exact draws from the mixture and their component labels."""
         g = torch.Generator().manual_seed(seed)

@@ -41,6 +41,7 @@ from samplebench.samplers.euler import (
 )
 from samplebench.samplers.ipndm import sample_ipndm
 from samplebench.samplers.momentum import sample_dpmpp_hb, sample_ghvb, sample_hb, validate_beta
+from samplebench.samplers.teleport import BASES, run_teleport, teleport_rule
 from samplebench.samplers.unipc import sample_unipc
 from samplebench.schedules import Grid
 
@@ -54,7 +55,9 @@ def native(
     """Registry adapter for `fn(denoise, x, sigmas, generators, **options)`; with_noise=True also
     passes the model's NoiseSchedule as `noise=` (a sampler that needs the model's time variable)."""
 
-    def run(denoise, x: torch.Tensor, grid: Grid, options: dict[str, Any], generators) -> torch.Tensor:
+    def run(
+        denoise, x: torch.Tensor, grid: Grid, options: dict[str, Any], generators, context=None
+    ) -> torch.Tensor:
         extra = {"noise": grid.noise} if with_noise else {}
         return fn(denoise, x, grid.sigmas, generators, **{**options, **fixed, **extra})
 
@@ -377,7 +380,23 @@ DIFFUSERS = [
     _d("unipc", "UniPC", "ode", "UniPCMultistepScheduler", "Zhao et al. 2023"),
 ]
 
-SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in NATIVE + DIFFUSERS}
+# Samplers that hand over to another registered sampler (after the registry above exists).
+COMPOSED = [
+    SamplerSpec(
+        "teleport",
+        "Gaussian teleportation, then a base sampler",
+        "ode",
+        teleport_rule,
+        run_teleport,
+        "Wang & Vastola 2024 (TMLR), arXiv:2412.09726; Animadversio/GaussianTeleportationDiffusion "
+        "analytical_score_lib.Gaussian_score",
+        skips_levels=True,
+        needs_context=True,
+        choices={"base": BASES},
+    ),
+]
+
+SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in NATIVE + DIFFUSERS + COMPOSED}
 
 
 def get_sampler(name: str) -> SamplerSpec:

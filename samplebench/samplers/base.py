@@ -48,12 +48,24 @@ class NfeRule:
 
 
 @dataclass(frozen=True)
+class SamplerContext:
+    """What a few samplers need beyond the denoiser (teleportation: the data's Gaussian moments for
+    these conditions under this guidance): the model, the batch's conditions and the guidance scale."""
+
+    model: Any
+    cond: Any
+    guidance: float
+
+
+@dataclass(frozen=True)
 class SamplerSpec:
-    """A registered sampler: `run(denoise, x, grid, options, generators) -> x_0`.
+    """A registered sampler: `run(denoise, x, grid, options, generators, context=None) -> x_0`.
 
     x is the start at grid.sigmas[0] (already scaled, x = x_T sqrt(1 + sigma_0^2)); options are the
     keys of conf/sampler/<name>.yaml. `grids` names the schedules it takes ("any" for every
-    schedule); `repeats_levels` says the algorithm evaluates one level twice (Heun's corrector)."""
+    schedule); `repeats_levels` says the algorithm evaluates one level twice (Heun's corrector);
+    `skips_levels` says its first evaluation is below grid.sigmas[0], the levels above being crossed
+    without the network (teleportation); `needs_context` that it reads the SamplerContext."""
 
     name: str
     title: str
@@ -64,6 +76,8 @@ class SamplerSpec:
     family: str = "native"  # or "diffusers"
     grids: str = "any"
     repeats_levels: bool = False
+    skips_levels: bool = False
+    needs_context: bool = False
     step_options: tuple[str, ...] = field(default=())
     choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     # Checks that `choices` cannot list (a number in a range): raises a one-line UsageError.

@@ -192,6 +192,7 @@ def run_scheduler(
     grid: Grid,
     options: dict[str, Any],
     generators: list[torch.Generator] | None,
+    context: Any = None,
     *,
     class_name: str,
     fixed: dict[str, Any],
