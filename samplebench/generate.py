@@ -300,7 +300,8 @@ def run_batch(model: Any, cell: Cell, inputs: BatchInputs, steps: int) -> Batch:
     start = time.perf_counter()
     with torch.no_grad():
         x = model.noise_schedule.initial_state(inputs.x_T, float(grid.sigmas[0]))
-        context = SamplerContext(model, inputs.cond, cell.guidance)
+        cache_root = Path(str(cell.config.get("results_dir", "results"))) / ".cache"
+        context = SamplerContext(model, inputs.cond, cell.guidance, cache_root)
         x0 = spec.run(counter, x, grid, _sampler_options(cell), gens, context)
     sync()
     seconds = time.perf_counter() - start

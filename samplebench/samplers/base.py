@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ class SamplerContext:
     model: Any
     cond: Any
     guidance: float
+    cache_root: Path | None = None  # <results_dir>/.cache, for statistics a sampler computes once and keeps
 
 
 @dataclass(frozen=True)
