@@ -44,6 +44,8 @@ def steps_for(cell: Cell) -> int:
     """Solver steps for the cell's NFE budget (a one-line error if it cannot be spent)."""
     spec = get_sampler(cell.sampler["name"])
     spec.check(_sampler_options(cell))
+    if spec.model_check is not None:
+        spec.model_check(_sampler_options(cell), cell.model)
     rule = spec.rule(_sampler_options(cell), cell.schedule)
     return rule.steps(cell.nfe, cell.sampler["name"], bool(cell.config["allow_lower_nfe"]))
 

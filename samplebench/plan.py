@@ -121,6 +121,9 @@ def content_identity(config: dict[str, Any], known_weights: dict[str, dict[str, 
             out["prompts"] = load_prompts(prompts, 1).fingerprint()
         except UsageError:
             out["prompts"] = "unreadable"  # the worker names what is wrong with it (kind, file)
+    moments = (config.get("sampler") or {}).get("moments")
+    if moments:  # teleportation's reference images (sampler.moments)
+        out["sampler.moments"] = weights_identity(Path(str(moments)).expanduser(), known_weights)
     if model.get("path"):
         out["weights"] = weights_identity(Path(str(model["path"])).expanduser(), known_weights)
     elif model.get("id"):

@@ -123,6 +123,9 @@ OPTION_VALUES = {
     # velocity and GHVB's weights divide by beta, so 0 is refused (a UsageError) rather than tried.
     ("beta", 0.8): (0.5, 0.8, 1.0),
     ("skip", 2): (0, 1, 2, 3),
+    # teleport's reference folder is for image models (the analytic model has exact moments): it is
+    # exercised in test_paper_samplers_images.py on a tiny pipeline.
+    ("moments", None): (None,),
 }
 SIGMA_MIN = {"final_sigmas_type": "sigma_min"}
 # (sampler, option) -> (other options, schedule, NFE, why): where an option acts only away from the conf

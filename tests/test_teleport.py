@@ -172,4 +172,4 @@ def test_bad_options_are_one_line_errors(gmm):
         SAMPLERS["teleport"].rule({"base": "euler_a", "skip": 1}, {"name": "karras"})
     with pytest.raises(UsageError, match="sampler.skip=-1 must be a whole number"):
         SAMPLERS["teleport"].rule({"base": "dpmpp", "skip": -1}, {"name": "karras"})
-    assert options("teleport") == {"base": "dpmpp", "skip": 2}
+    assert options("teleport") == {"base": "dpmpp", "skip": 2, "moments": None}

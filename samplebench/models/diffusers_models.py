@@ -310,6 +310,20 @@ class DiffusersModel:
             return torch.cat([a, b])
         return a.cat(b)
 
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) at the model's resolution to sampler states at sigma = 0 (the
+        inverse of `decode`: the VAE posterior mean, shifted and scaled as the pipelines do), float32."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = x.to(self.device)
+        with torch.no_grad():
+            if self.vae is None:
+                return x
+            z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float()
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift:
+            z = z - shift
+        return z * self.vae.config.scaling_factor
+
     def decode(self, samples: torch.Tensor) -> np.ndarray:
         """Final sampler states to uint8 images (N, H, W, 3)."""
         with torch.no_grad():

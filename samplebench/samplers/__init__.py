@@ -41,7 +41,7 @@ from samplebench.samplers.euler import (
 )
 from samplebench.samplers.ipndm import sample_ipndm
 from samplebench.samplers.momentum import sample_dpmpp_hb, sample_ghvb, sample_hb, validate_beta
-from samplebench.samplers.teleport import BASES, run_teleport, teleport_rule
+from samplebench.samplers.teleport import BASES, model_check, run_teleport, teleport_rule
 from samplebench.samplers.unipc import sample_unipc
 from samplebench.schedules import Grid
 
@@ -393,6 +393,7 @@ COMPOSED = [
         skips_levels=True,
         needs_context=True,
         choices={"base": BASES},
+        model_check=model_check,
     ),
 ]
 

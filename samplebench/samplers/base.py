@@ -84,6 +84,8 @@ class SamplerSpec:
     choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     # Checks that `choices` cannot list (a number in a range): raises a one-line UsageError.
     validate: Callable[[dict[str, Any]], None] | None = None
+    # A plan-time check of the options against the cell's model config (one-line UsageError).
+    model_check: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
 
     def check(self, options: dict[str, Any]) -> None:
         """A one-line error for an option value the sampler does not take."""

@@ -23,14 +23,24 @@ most 0.01 in log sigma, error ~1e-9 relative on the analytic model), not with th
 
 The data moments come from the model (`gaussian_moments(cond)`): exact for the analytic model (for a
 component label, the component itself, so teleportation is exact there; for the unconditional
-label, the mixture's moment-matched Gaussian).
+label, the mixture's moment-matched Gaussian). For image models they come from a reference image folder
+(`sampler.moments=<folder>`), as the authors use their datasets' statistics: the images are resized to
+the model's resolution, encoded to sampler states (the VAE posterior mean, scaled as the pipeline does;
+the pixels for pixel-space models), and their mean and principal components (rank n - 1 for n images)
+are computed once and cached under <results_dir>/.cache/teleport/. Directions outside the components
+get variance 0 (x - mu scales by sigma'/sigma there, as in the authors' low-rank form). A reference set
+has no per-prompt or per-class statistics, so the conditional and unconditional Gaussians coincide and
+the guided field is that same Gaussian's, whatever the guidance.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from samplebench.errors import UsageError
@@ -46,10 +56,76 @@ RK4_MAX_STEP = 0.01  # in log sigma
 def _moments(model: Any, cond: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not hasattr(model, "gaussian_moments"):
         raise UsageError(
-            f"sampler=teleport needs the data's mean and covariance, which model={model.name} does not "
-            "provide yet; use model=gmm, or another sampler"
+            f"sampler=teleport on model={model.name} needs the data's statistics: set "
+            "sampler.moments=<folder of reference images>"
         )
     return model.gaussian_moments(cond)
+
+
+def _vae_identity(model: Any) -> str:
+    """sha256 of the encoder's parameters (computed once per loaded model): the cache key must change
+    with the weights that map images to states."""
+    known = getattr(model, "_teleport_vae_sha", None)
+    if known is None:
+        h = hashlib.sha256(f"{model.name}|{model.resolution}|{tuple(model.sample_shape)}".encode())
+        vae = getattr(model, "vae", None)
+        if vae is not None:
+            for name, tensor in sorted(vae.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().float().cpu().numpy().tobytes())
+        known = h.hexdigest()[:16]
+        model._teleport_vae_sha = known
+    return known
+
+
+def reference_moments(
+    model: Any, folder: str | Path, cache_root: Path | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean (d,), principal directions (d, r) and variances (r,) of the reference images' sampler states,
+    float64 on the model's device; cached per (images' content, encoder weights, resolution)."""
+    from PIL import Image
+
+    from samplebench import cache
+    from samplebench.metrics.images import iter_image_batches, list_images
+
+    folder = Path(str(folder)).expanduser()
+    if not folder.is_dir():
+        raise UsageError(
+            f"sampler.moments={folder} is not a folder; point it at a folder of reference images"
+        )
+    paths = list_images(folder)
+    if len(paths) < 2:
+        raise UsageError(f"sampler.moments={folder} holds {len(paths)} image; a covariance needs at least 2")
+    h = hashlib.sha256(_vae_identity(model).encode())
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    path = None if cache_root is None else Path(cache_root) / "teleport" / f"{h.hexdigest()[:24]}.npz"
+    found = None if path is None or not path.exists() else cache.load(path, ("mean", "vectors", "values"))
+    if found is None:
+        side = int(model.resolution)
+        states = []
+        for batch in iter_image_batches(paths, 16):
+            if batch.shape[1:3] != (side, side):  # resized to the model's resolution (PIL bicubic)
+                batch = np.stack(
+                    [np.asarray(Image.fromarray(b).resize((side, side), Image.BICUBIC)) for b in batch]
+                )
+            states.append(model.encode_images(batch).double().reshape(len(batch), -1).cpu())
+        data = torch.cat(states)
+        mean = data.mean(0)
+        _, sv, vt = torch.linalg.svd(data - mean, full_matrices=False)
+        keep = sv > sv[0] * 1e-10  # drop the null directions of n - 1 < d samples
+        found = {
+            "mean": mean.numpy(),
+            "vectors": vt[keep].T.contiguous().numpy(),
+            "values": (sv[keep] ** 2 / (len(data) - 1)).numpy(),
+        }
+        if path is not None:
+            cache.save(path, **found)
+    device = model.device
+    return tuple(
+        torch.as_tensor(found[k], dtype=torch.float64, device=device) for k in ("mean", "vectors", "values")
+    )
 
 
 def gaussian_flow_map(
@@ -60,18 +136,25 @@ def gaussian_flow_map(
     vectors: torch.Tensor,
     values: torch.Tensor,
 ) -> torch.Tensor:
-    """The exact PF-ODE map of N(mean, U diag(values) U^T) data from level sigma to sigma_to, per
-    sample: x (B, d), mean (B, d), vectors (B, d, d) with eigenvectors as columns, values (B, d)."""
-    z = torch.einsum("bdk,bd->bk", vectors, x - mean)
-    z = z * ((values + sigma_to**2) / (values + sigma**2)).sqrt()
-    return mean + torch.einsum("bdk,bk->bd", vectors, z)
+    """The exact PF-ODE map of N(mean, U diag(values) U^T) data from level sigma to sigma_to: x (B, d),
+    mean (B, d) or (d,), vectors (B, d, r) or (d, r) with orthonormal columns, values (B, r) or (r,).
+    Where r < d, the rest of x - mean (variance 0) scales by sigma_to / sigma."""
+    vectors = vectors.expand(x.shape[0], *vectors.shape[-2:])
+    centred = x - mean
+    z = torch.einsum("bdk,bd->bk", vectors, centred)
+    moved = torch.einsum("bdk,bk->bd", vectors, z * ((values + sigma_to**2) / (values + sigma**2)).sqrt())
+    if vectors.shape[-1] == vectors.shape[-2]:  # full rank: nothing outside the components
+        return mean + moved
+    rest = centred - torch.einsum("bdk,bk->bd", vectors, z)
+    return mean + moved + rest * (sigma_to / sigma)
 
 
 def gaussian_denoiser(
     x: torch.Tensor, sigma: float, mean: torch.Tensor, vectors: torch.Tensor, values: torch.Tensor
 ) -> torch.Tensor:
     """D(x; sigma) = mu + S (S + sigma^2 I)^-1 (x - mu) of Gaussian data (Tweedie; the official
-    Gaussian_score times sigma^2, plus x)."""
+    Gaussian_score times sigma^2, plus x); shapes as in gaussian_flow_map."""
+    vectors = vectors.expand(x.shape[0], *vectors.shape[-2:])
     z = torch.einsum("bdk,bd->bk", vectors, x - mean) * (values / (values + sigma**2))
     return mean + torch.einsum("bdk,bk->bd", vectors, z)
 
@@ -101,10 +184,15 @@ def guided_gaussian_flow(
     return x
 
 
-def teleport(x: torch.Tensor, sigma: float, sigma_to: float, context: SamplerContext) -> torch.Tensor:
+def teleport(
+    x: torch.Tensor, sigma: float, sigma_to: float, context: SamplerContext, moments_folder: str | None = None
+) -> torch.Tensor:
     """Carry x from sigma to sigma_to under the Gaussian approximation of the (guided) data, in float64."""
     model, shape = context.model, x.shape
     flat = x.reshape(shape[0], -1).double()
+    if moments_folder:  # one Gaussian for every condition: the guided field is that Gaussian's
+        stats = reference_moments(model, moments_folder, context.cache_root)
+        return gaussian_flow_map(flat, sigma, sigma_to, *stats).to(x.dtype).reshape(shape)
     cond = _moments(model, context.cond)
     if context.guidance == 1.0:
         out = gaussian_flow_map(flat, sigma, sigma_to, *cond)
@@ -153,9 +241,27 @@ def run_teleport(
     if skip:
         if context is None:
             raise ValueError("teleport needs a SamplerContext (the model and conditions)")
-        x = teleport(x, float(grid.sigmas[0]), float(grid.sigmas[skip]), context)
+        x = teleport(x, float(grid.sigmas[0]), float(grid.sigmas[skip]), context, options.get("moments"))
     rest = Grid(grid.sigmas[skip:], grid.schedule, grid.ends, grid.noise)
     return get_sampler(base).run(denoise, x, rest, {}, generators, context)
 
 
-run_teleport.accepts = ("base", "skip")  # type: ignore[attr-defined]
+def model_check(options: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+    """At plan time: the analytic model has exact moments and takes no folder; image models need one."""
+    _, skip = _check(options)
+    moments = options.get("moments")
+    if model_cfg.get("name") == "gmm":
+        if moments:
+            raise UsageError("sampler.moments is for image models; model=gmm has exact moments (drop it)")
+    elif skip and not moments:
+        raise UsageError(
+            f"sampler=teleport on model={model_cfg.get('name')} needs the data's statistics: set "
+            "sampler.moments=<folder of reference images>"
+        )
+    elif moments and not Path(str(moments)).expanduser().is_dir():
+        raise UsageError(
+            f"sampler.moments={moments} is not a folder; point it at a folder of reference images"
+        )
+
+
+run_teleport.accepts = ("base", "skip", "moments")  # type: ignore[attr-defined]
