@@ -288,14 +288,14 @@ def list_(what: str = typer.Argument("samplers", help="samplers, schedules, mode
         from samplebench.samplers import SAMPLERS
 
         table = Table(title="samplers (NFE for N solver steps, on the default schedule)")
-        for col in ("name", "algorithm", "type", "NFE", "schedules", "source"):
-            table.add_column(col)
+        for col in ("name", "algorithm", "type", "NFE", "schedules", "paper", "year", "code"):
+            table.add_column(col, no_wrap=col in ("name", "NFE"))
         for s in SAMPLERS.values():
             try:
                 rule = str(s.rule({}, {"name": "karras"}))
             except UsageError:
                 rule = str(s.rule({}, {"name": "linspace"}))
-            table.add_row(s.name, s.title, s.kind, rule, s.grids, s.source)
+            table.add_row(s.name, s.title, s.kind, rule, s.grids, s.paper, str(s.year or ""), s.code)
         out.print(table)
     elif what == "schedules":
         from samplebench.models.base import NoiseSchedule

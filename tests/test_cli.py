@@ -53,6 +53,33 @@ def test_list_samplers_shows_nfe_rules():
         ), (name, r.stdout)
 
 
+def test_list_samplers_shows_the_papers_samplers_paper_year_and_nfe_rule():
+    """Issue 13: each paper's sampler is listed with its paper, year and NFE rule (on its defaults)."""
+    r = cli("list", "samplers")
+    assert r.returncode == 0
+    rows, last = {}, None
+    for line in r.stdout.splitlines():  # a row's wrapped cells continue on lines with an empty name
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) != 8:
+            continue
+        if cells[0]:
+            last = rows[cells[0]] = cells
+        elif last is not None:
+            last[:] = [f"{a} {b}".strip() for a, b in zip(last, cells, strict=True)]
+    expected = {
+        "hb": ("Wizadwongsa et al. 2024 (ICLR)", "2024", "N"),
+        "ghvb": ("Wizadwongsa et al. 2024 (ICLR)", "2024", "N"),
+        "dpmpp_hb": ("Wizadwongsa et al. 2024 (ICLR)", "2024", "N"),
+        "deis_tab": ("Zhang & Chen 2023 (ICLR)", "2023", "N"),
+        "deis_rhoab": ("Zhang & Chen 2023 (ICLR)", "2023", "N"),
+        "deis_rhork": ("Zhang & Chen 2023 (ICLR)", "2023", "3N-2"),
+        "teleport": ("Wang & Vastola 2024 (TMLR)", "2024", "N-2"),
+    }
+    for name, (paper, year, rule) in expected.items():
+        assert name in rows, (name, r.stdout)
+        assert rows[name][3] == rule and rows[name][5] == paper and rows[name][6] == year, rows[name]
+
+
 def test_sweep_end_to_end(tmp_path):
     r = cli(
         "sweep",

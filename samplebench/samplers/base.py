@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,10 @@ class NfeRule:
         return steps
 
 
+# "Lu et al. 2022", "Zhang & Chen 2023 (ICLR)", "Wang & Vastola 2024 (TMLR)" at the start of a source
+_PAPER = re.compile(r"^[A-Z][\w.'& -]*? (?P<year>(19|20)\d\d)( \([^)]*\))?")
+
+
 @dataclass(frozen=True)
 class SamplerContext:
     """What a few samplers need beyond the denoiser (teleportation: the data's Gaussian moments for
@@ -86,6 +91,22 @@ class SamplerSpec:
     validate: Callable[[dict[str, Any]], None] | None = None
     # A plan-time check of the options against the cell's model config (one-line UsageError).
     model_check: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+
+    @property
+    def paper(self) -> str:
+        """The paper as the source names it ("Authors Year (venue)"), or "" for code without a paper."""
+        m = _PAPER.match(self.source)
+        return "" if m is None else m.group(0).strip()
+
+    @property
+    def year(self) -> int | None:
+        m = _PAPER.match(self.source)
+        return None if m is None else int(m.group("year"))
+
+    @property
+    def code(self) -> str:
+        """What the source says beyond the paper (arXiv id, algorithm, reference code)."""
+        return self.source[len(self.paper) :].strip(" ,;")
 
     def check(self, options: dict[str, Any]) -> None:
         """A one-line error for an option value the sampler does not take."""
