@@ -118,6 +118,9 @@ OPTION_VALUES = {
     ("solver_type", "midpoint"): ("midpoint", "heun"),
     ("solver_type", "bh2"): ("bh1", "bh2"),
     ("variance_type", "fixed_small"): ("fixed_small", "fixed_large"),
+    # time shift (ts_ddim, ts_dpmpp): off, the default, wider; cutoffs from everywhere to nowhere
+    ("window", 30): (0, 30, 60),
+    ("cutoff", 300): (0, 300, 999),
 }
 SIGMA_MIN = {"final_sigmas_type": "sigma_min"}
 # (sampler, option) -> (other options, schedule, NFE, why): where an option acts only away from the conf

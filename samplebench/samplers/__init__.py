@@ -34,6 +34,7 @@ from samplebench.samplers.euler import (
     sample_lms,
 )
 from samplebench.samplers.ipndm import sample_ipndm
+from samplebench.samplers.time_shift import check_options, sample_ts_ddim, sample_ts_dpmpp
 from samplebench.samplers.unipc import sample_unipc
 from samplebench.schedules import Grid
 
@@ -46,6 +47,17 @@ def native(fn: Callable[..., torch.Tensor], **fixed: Any) -> Callable[..., torch
 
     def run(denoise, x: torch.Tensor, grid: Grid, options: dict[str, Any], generators) -> torch.Tensor:
         return fn(denoise, x, grid.sigmas, generators, **{**options, **fixed})
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    return run
+
+
+def native_with_noise(fn: Callable[..., torch.Tensor], **fixed: Any) -> Callable[..., torch.Tensor]:
+    """Registry adapter for `fn(denoise, x, sigmas, generators, noise=..., **options)`: samplers that
+    need the model's training timesteps (grid.noise), such as the time-shift samplers' windows."""
+
+    def run(denoise, x: torch.Tensor, grid: Grid, options: dict[str, Any], generators) -> torch.Tensor:
+        return fn(denoise, x, grid.sigmas, generators, noise=grid.noise, **{**options, **fixed})
 
     run.__wrapped__ = fn  # type: ignore[attr-defined]
     return run
@@ -70,16 +82,19 @@ CHOICES = {
 }
 
 
-def _n(name, title, kind, rule, fn, source, repeats=False, **fixed) -> SamplerSpec:
+def _n(
+    name, title, kind, rule, fn, source, repeats=False, adapter=native, validate=None, **fixed
+) -> SamplerSpec:
     return SamplerSpec(
         name,
         title,
         kind,
         rule,
-        native(fn, **fixed),
+        adapter(fn, **fixed),
         source,
         repeats_levels=repeats,
         choices=CHOICES.get(name, {}),
+        validate=validate,
     )
 
 
@@ -152,6 +167,29 @@ NATIVE = [
     _n("unipc", "UniPC", "ode", ONE, sample_unipc, "Zhao et al. 2023, arXiv:2302.04867"),
     _n("ipndm", "iPNDM", "ode", ONE, sample_ipndm, "Zhang & Chen 2023, arXiv:2204.13902, iPNDM"),
     _n("deis", "DEIS (rho-AB)", "ode", ONE, sample_deis, "Zhang & Chen 2023, arXiv:2204.13902"),
+    _n(
+        "ts_ddim",
+        "TS-DDIM (time-shift: shifted step target)",
+        "shifted",
+        ONE,
+        sample_ts_ddim,
+        "Li et al. 2024 (ICLR), arXiv:2305.15583; Mingxiao-Li/TS-DPM PNMSolver.apply_time_shift and "
+        "PNMSolver.sample (sampler/pnm_solver.py, method='euler')",
+        adapter=native_with_noise,
+        validate=check_options,
+    ),
+    _n(
+        "ts_dpmpp",
+        "TS-DPM-Solver++(2M) (time-shift: shifted model input time)",
+        "shifted",
+        ONE,
+        sample_ts_dpmpp,
+        "Li et al. 2024 (ICLR), arXiv:2305.15583; Mingxiao-Li/TS-DPM DEIS_Sampler.apply_time_shift and "
+        "its eps_fn (sampler/deis_sampler.py: shifted model input, scheduled coefficients), "
+        "DPM_Solver.time_shift (sampler/dpm_solver_utils.py: window_size // 2)",
+        adapter=native_with_noise,
+        validate=check_options,
+    ),
 ]
 
 

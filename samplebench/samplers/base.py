@@ -57,7 +57,10 @@ class SamplerSpec:
 
     name: str
     title: str
-    kind: str  # "ode" (deterministic, converges to the probability-flow ODE solution) or "sde"
+    # "ode" (deterministic, converges to the probability-flow ODE solution), "sde", or "shifted"
+    # (deterministic, but moves its times off the schedule on purpose, so it converges to no ODE
+    # solution as NFE grows: the time-shift samplers)
+    kind: str
     nfe_rule: NfeRule | Callable[[dict[str, Any], dict[str, Any]], NfeRule]
     run: Callable[..., torch.Tensor]
     source: str
@@ -66,6 +69,8 @@ class SamplerSpec:
     repeats_levels: bool = False
     step_options: tuple[str, ...] = field(default=())
     choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # checks of open-ended option values (a UsageError naming the fix), run with `check`
+    validate: Callable[[dict[str, Any]], None] | None = None
 
     def check(self, options: dict[str, Any]) -> None:
         """A one-line error for an option value the sampler does not take."""
@@ -75,6 +80,8 @@ class SamplerSpec:
                     f"sampler.{key}={options[key]} is not valid for sampler={self.name}; "
                     f"choose one of {', '.join(map(str, valid))}"
                 )
+        if self.validate is not None:
+            self.validate(options)
 
     def rule(self, options: dict[str, Any], schedule: dict[str, Any]) -> NfeRule:
         """The NFE rule for these options and this schedule (most samplers: a constant)."""
@@ -121,7 +128,8 @@ def guided_denoiser(model: Any, cond: Any, guidance: float) -> Denoiser:
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x2 = torch.cat([x, x])
-        uncond, cond_out = model.denoise(x2, _per_sample(sigma, x2), both).chunk(2)
+        s = _per_sample(sigma, x)  # a scalar or one level per sample (the time-shift samplers')
+        uncond, cond_out = model.denoise(x2, torch.cat([s, s]), both).chunk(2)
         return uncond + guidance * (cond_out - uncond)
 
     return guided
