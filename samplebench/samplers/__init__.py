@@ -42,6 +42,7 @@ from samplebench.samplers.euler import (
 from samplebench.samplers.ipndm import sample_ipndm
 from samplebench.samplers.momentum import sample_dpmpp_hb, sample_ghvb, sample_hb, validate_beta
 from samplebench.samplers.teleport import BASES, model_check, run_teleport, teleport_rule
+from samplebench.samplers.time_shift import check_options, sample_ts_ddim, sample_ts_dpmpp
 from samplebench.samplers.unipc import sample_unipc
 from samplebench.schedules import Grid
 
@@ -240,6 +241,29 @@ NATIVE = [
         sample_dpmpp_hb,
         f"{MOMENTUM} MomentumDPMSolverMultistepScheduler",
         validate=validate_beta,
+    ),
+    _n(
+        "ts_ddim",
+        "TS-DDIM (time-shift: shifted step target)",
+        "shifted",
+        ONE,
+        sample_ts_ddim,
+        "Li et al. 2024 (ICLR), arXiv:2305.15583; Mingxiao-Li/TS-DPM PNMSolver.apply_time_shift and "
+        "PNMSolver.sample (sampler/pnm_solver.py, method='euler')",
+        with_noise=True,
+        validate=check_options,
+    ),
+    _n(
+        "ts_dpmpp",
+        "TS-DPM-Solver++(2M) (time-shift: shifted model input time)",
+        "shifted",
+        ONE,
+        sample_ts_dpmpp,
+        "Li et al. 2024 (ICLR), arXiv:2305.15583; Mingxiao-Li/TS-DPM DEIS_Sampler.apply_time_shift and "
+        "its eps_fn (sampler/deis_sampler.py: shifted model input, scheduled coefficients), "
+        "DPM_Solver.time_shift (sampler/dpm_solver_utils.py: window_size // 2)",
+        with_noise=True,
+        validate=check_options,
     ),
 ]
 

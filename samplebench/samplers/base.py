@@ -76,7 +76,10 @@ class SamplerSpec:
 
     name: str
     title: str
-    kind: str  # "ode" (deterministic, converges to the probability-flow ODE solution) or "sde"
+    # "ode" (deterministic, converges to the probability-flow ODE solution), "sde", or "shifted"
+    # (deterministic, but moves its times off the schedule on purpose, so it converges to no ODE
+    # solution as NFE grows: the time-shift samplers)
+    kind: str
     nfe_rule: NfeRule | Callable[[dict[str, Any], dict[str, Any]], NfeRule]
     run: Callable[..., torch.Tensor]
     source: str
@@ -164,7 +167,8 @@ def guided_denoiser(model: Any, cond: Any, guidance: float) -> Denoiser:
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x2 = torch.cat([x, x])
-        uncond, cond_out = model.denoise(x2, _per_sample(sigma, x2), both).chunk(2)
+        s = _per_sample(sigma, x)  # a scalar or one level per sample (the time-shift samplers')
+        uncond, cond_out = model.denoise(x2, torch.cat([s, s]), both).chunk(2)
         return uncond + guidance * (cond_out - uncond)
 
     return guided
