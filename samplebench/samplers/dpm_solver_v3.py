@@ -240,3 +240,44 @@ def sample_dpm_solver_v3(
             p_order = min(p_order, moves - i)
         x = _step(ints, hist[::-1][:p_order], idx[i + 1], p_pseudo)
     return x
+
+
+V3_OPTIONS = (
+    "order",
+    "p_pseudo",
+    "use_corrector",
+    "c_pseudo",
+    "lower_order_final",
+    "ems_grid",
+    "ems_samples",
+)
+
+
+def validate_v3(options: dict) -> None:
+    """sampler.ems_grid and ems_samples: whole numbers in range (a one-line UsageError)."""
+    from samplebench.errors import UsageError
+    from samplebench.samplers.ems import SMOOTH_WINDOW
+
+    for key, low in (("ems_grid", 2 * SMOOTH_WINDOW + 2), ("ems_samples", 2)):
+        value = options.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UsageError(f"sampler.{key}={value} must be a whole number >= {low}")
+
+
+def run_dpm_solver_v3(denoise, x, grid, options, generators, context=None) -> torch.Tensor:
+    """Registry entry: the statistics of (model, guidance, ems_grid, ems_samples) from this process's
+    memo or <results_dir>/.cache/ems/ (written by `samplebench ems` or a sweep's preparation), else
+    computed now for the analytic model (its cost then falls in this call; sweeps compute them before
+    generating, see cli.prepare_ems), else a one-line error saying how to make them."""
+    from samplebench.samplers.ems import DEFAULT_GRID, DEFAULT_SAMPLES, load_or_compute
+
+    if context is None:
+        raise ValueError("dpm_solver_v3 needs a SamplerContext (the model, for its statistics)")
+    opts = {k: v for k, v in options.items() if k in V3_OPTIONS}
+    grid_size = int(opts.pop("ems_grid", DEFAULT_GRID))
+    n_samples = int(opts.pop("ems_samples", DEFAULT_SAMPLES))
+    ems, _ = load_or_compute(context.model, float(context.guidance), grid_size, n_samples, context.cache_root)
+    return sample_dpm_solver_v3(denoise, x, grid.sigmas, generators, ems=ems, **opts)
+
+
+run_dpm_solver_v3.accepts = V3_OPTIONS  # type: ignore[attr-defined]
