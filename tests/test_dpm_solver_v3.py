@@ -242,3 +242,32 @@ def test_registry_entry_reads_statistics_through_the_context(gmm):
     ems, _ = load_or_compute(gmm, 1.0, 30, 16, None)
     ref = sample_dpm_solver_v3(den, x, grid.sigmas, ems=ems, order=2)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_cli_ems_then_sweep_finds_them_and_image_models_are_refused(tmp_path):
+    """Reference: the CLI contract (one-line error, exit 2). `samplebench ems` writes the statistics
+    under <results_dir>/.cache/ems/; a generate with the same options finds them (no "computed" line);
+    an image model is refused before anything is loaded."""
+    from cli_run import cli_here
+
+    res = str(tmp_path / "res")
+    common = ["sampler.ems_grid=30", "sampler.ems_samples=8", f"results_dir={res}"]
+    made = cli_here("ems", "model=gmm", "guidance=1.5", *common)
+    assert made.returncode == 0, made.stderr
+    assert "computed" in made.stderr and len(list((tmp_path / "res" / ".cache" / "ems").glob("*.npz"))) == 1
+    gen = cli_here(
+        "generate",
+        "sampler=dpm_solver_v3",
+        "nfe=5",
+        "guidance=1.5",
+        "num_images=4",
+        "batch_size=4",
+        "shard_size=4",
+        "run=v3",
+        *common,
+    )
+    assert gen.returncode == 0, gen.stderr
+    assert "computed" not in gen.stderr
+    refused = cli_here("generate", "sampler=dpm_solver_v3", "model=sd15", "nfe=5", f"results_dir={res}")
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "reference image set" in refused.stderr
