@@ -129,6 +129,10 @@ OPTION_VALUES = {
     # time shift (ts_ddim, ts_dpmpp): off, the default, wider; cutoffs from everywhere to nowhere
     ("window", 30): (0, 30, 60),
     ("cutoff", 300): (0, 300, 999),
+    # DPM-Solver-v3's statistics: grid points and data samples of the EMS estimate (each value is one
+    # EMS computation on the analytic model, a few seconds, kept for the process).
+    ("ems_grid", 250): (100, 250),
+    ("ems_samples", 256): (64, 256),
 }
 SIGMA_MIN = {"final_sigmas_type": "sigma_min"}
 # (sampler, option) -> (other options, schedule, NFE, why): where an option acts only away from the conf
@@ -199,6 +203,21 @@ OPTION_SETTINGS = {
         "karras",
         10,
         "bh1 with final_sigmas_type='zero' gives NaN in diffusers (test_sampler_references.UNIPC_BH1)",
+    ),
+    ("dpm_solver_v3", "p_pseudo"): (
+        {},
+        "karras",
+        6,
+        "it changes only third-order steps (divided differences and the Taylor system agree on two points): "
+        "at 10 NFE it moves the samples by 7e-5 of their scale, at 5 NFE lower_order_final leaves no "
+        "third-order step, at 6 NFE it moves them by 2.7e-4",
+    ),
+    ("dpm_solver_v3", "lower_order_final"): (
+        {},
+        "karras",
+        5,
+        "it lowers only the last two steps between positive levels: at 10 NFE that moves the samples by "
+        "2.9e-5 of their scale, at 5 NFE by 1.3e-3",
     ),
     ("ghvb", "beta"): (
         {},

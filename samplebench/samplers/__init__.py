@@ -31,6 +31,7 @@ from samplebench.samplers.dpm_solver import (
     sample_dpmpp_2s,
     sample_dpmpp_multistep,
 )
+from samplebench.samplers.dpm_solver_v3 import run_dpm_solver_v3, validate_v3
 from samplebench.samplers.euler import (
     sample_ddim,
     sample_dpm2,
@@ -418,6 +419,24 @@ COMPOSED = [
         needs_context=True,
         choices={"base": BASES},
         model_check=model_check,
+    ),
+    SamplerSpec(
+        "dpm_solver_v3",
+        "DPM-Solver-v3 (empirical model statistics)",
+        "ode",
+        ONE,
+        run_dpm_solver_v3,
+        "Zheng et al. 2023 (NeurIPS), arXiv:2310.13268; thu-ml/DPM-Solver-v3 dpm_solver_v3.py DPM_Solver_v3 "
+        "and its EMS script compute_EMS_scoresde.py",
+        needs_context=True,
+        choices={
+            "order": (1, 2, 3),
+            "p_pseudo": (False, True),
+            "use_corrector": (False, True),
+            "c_pseudo": (False, True),
+            "lower_order_final": (False, True),
+        },
+        validate=validate_v3,
     ),
 ]
 
