@@ -315,3 +315,47 @@ def test_bad_options_are_one_line_errors(gmm):
         run(gmm, "dc_solver", 5, [0], opts={**options("dc_solver"), "ratios": [1.0, 1.0, 1.0]})
     with pytest.raises(UsageError, match="cannot read CPR coefficients"):
         run(gmm, "dc_solver", 5, [0], opts={**options("dc_solver"), "ratios": "cpr:/nonexistent.npy"})
+
+
+@pytest.mark.parametrize("model", ["sd15", "dit", "ddpm_cifar10"])
+def test_search_on_image_models_through_the_sweep(tmp_path, model):
+    """The search's network path (tiny random pipelines of tests/tiny_models.py, `model=<kind>
+    model.path=...`): calibration conditions of each kind (built-in prompts, random classes, none),
+    gradients through the network under the sweep's no_grad, the DPM-Solver++(2M) reference; the
+    counted NFE is the request and the ratios and reference are cached under the run's cache."""
+    import tiny_models
+
+    from samplebench import store
+    from samplebench.config import plan
+    from samplebench.generate import generate
+
+    build = {"sd15": tiny_models.make_tiny_sd, "dit": tiny_models.make_tiny_dit}
+    build["ddpm_cifar10"] = tiny_models.make_tiny_ddpm
+    path = build[model](tmp_path / "pipe")
+    guidance = "guidance=1" if model == "ddpm_cifar10" else "guidance=3"
+    sweep = [
+        f"model={model}",
+        f"model.path={path}",
+        f"results_dir={tmp_path}",
+        "run=dc",
+        "num_images=2",
+        "batch_size=2",
+        "shard_size=2",
+        "sampler=dc_solver",
+        "sampler.calibration=2",
+        "sampler.iterations=3",
+        "sampler.reference_steps=12",
+        "nfe=4",
+        guidance,
+    ]
+    generate(plan(sweep))
+    (cell,) = store.find_cells(tmp_path / "dc")
+    shards = list(cell.iter_shards())
+    assert all((s["nfe"] == 4).all() and np.isfinite(s["samples"]).all() for s in shards)
+    (saved,) = (tmp_path / ".cache" / "dc_solver").glob("ratios-*.npz")
+    stored = dc.cache.load(saved)
+    assert stored["ratios"][:2].tolist() == [1.0, 1.0] and np.isfinite(stored["ratios"]).all()
+    assert (stored["ratios"][2:] != 1.0).any()  # the gradient reached the ratio through the network
+    assert (stored["loss_searched"][2:] <= stored["loss_one"][2:]).all()
+    assert int(stored["search_evaluations"]) > 0
+    assert len(list((tmp_path / ".cache" / "dc_solver").glob("reference-*.npz"))) == 1
