@@ -133,6 +133,14 @@ OPTION_VALUES = {
     # EMS computation on the analytic model, a few seconds, kept for the process).
     ("ems_grid", 250): (100, 250),
     ("ems_samples", 256): (64, 256),
+    # dc_solver: its ratios (searched, or 1 = UniPC; cpr needs a coefficient file and lists one ratio
+    # per step, tested in test_dc_solver.py) and the search's settings, each at a second value.
+    ("ratios", "search"): ("search", "none"),
+    ("calibration", 10): (3, 10),
+    ("calibration_seed", 1): (1, 2),
+    ("iterations", 20): (5, 20),
+    ("lr", 0.1): (0.02, 0.1),
+    ("reference_steps", 200): (10, 200),
 }
 SIGMA_MIN = {"final_sigmas_type": "sigma_min"}
 # (sampler, option) -> (other options, schedule, NFE, why): where an option acts only away from the conf
@@ -219,6 +227,23 @@ OPTION_SETTINGS = {
         "it lowers only the last two steps between positive levels: at 10 NFE that moves the samples by "
         "2.9e-5 of their scale, at 5 NFE by 1.3e-3",
     ),
+    ("dc_solver", "reference_steps"): (
+        {"reference": "solver"},
+        "karras",
+        10,
+        "on the analytic model the reference is the exact ODE unless sampler.reference=solver",
+    ),
+    **{
+        ("dc_solver", key): (
+            {},
+            "karras",
+            6,
+            "at 10 NFE the ratios searched for each value absorb most of the difference (dc_order 2 and 3: "
+            "6e-5 of the sample scale apart, correct_first 4e-5, calibration 3 and 10 samples 9e-5, lr "
+            "0.02 and 0.1 1.0e-4); at 6 NFE they are 3e-4 to 7e-4 apart",
+        )
+        for key in ("dc_order", "correct_first", "calibration", "lr")
+    },
     ("ghvb", "beta"): (
         {},
         "karras",

@@ -16,6 +16,8 @@ import torch
 
 from samplebench.errors import UsageError
 from samplebench.samplers.base import NfeRule, SamplerSpec
+from samplebench.samplers.dc_solver import DC_ORDERS, REFERENCES, run_dc_solver
+from samplebench.samplers.dc_solver import validate as validate_dc
 from samplebench.samplers.deis import (
     RK_TABLEAUX,
     sample_deis,
@@ -437,6 +439,18 @@ COMPOSED = [
             "lower_order_final": (False, True),
         },
         validate=validate_v3,
+    ),
+    SamplerSpec(
+        "dc_solver",
+        "DC-Solver (UniPC-bh2 with dynamic compensation)",
+        "ode",
+        ONE,
+        run_dc_solver,
+        "Zhao et al. 2024 (ECCV), arXiv:2409.03755; wl-zhao/DC-Solver scheduling_dcsolver_multistep.py "
+        "(dynamic_compensation, find_optim_ratio, cascade_polynomial_regression)",
+        needs_context=True,
+        choices={"order": (1, 2, 3), "dc_order": DC_ORDERS, "reference": REFERENCES},
+        validate=validate_dc,
     ),
 ]
 
