@@ -74,6 +74,10 @@ def test_list_samplers_shows_the_papers_samplers_paper_year_and_nfe_rule():
         "deis_rhoab": ("Zhang & Chen 2023 (ICLR)", "2023", "N"),
         "deis_rhork": ("Zhang & Chen 2023 (ICLR)", "2023", "3N-2"),
         "teleport": ("Wang & Vastola 2024 (TMLR)", "2024", "N-2"),
+        "ts_ddim": ("Li et al. 2024 (ICLR)", "2024", "N"),
+        "ts_dpmpp": ("Li et al. 2024 (ICLR)", "2024", "N"),
+        "dc_solver": ("Zhao et al. 2024 (ECCV)", "2024", "N"),
+        "dpm_solver_v3": ("Zheng et al. 2023 (NeurIPS)", "2023", "N"),
     }
     for name, (paper, year, rule) in expected.items():
         assert name in rows, (name, r.stdout)

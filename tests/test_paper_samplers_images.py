@@ -25,7 +25,12 @@ PAPER_SAMPLERS = {
     "deis_rhoab": [],
     "deis_rhork": [],
     "teleport": ["sampler.skip=2"],
+    "ts_ddim": [],
+    "ts_dpmpp": [],
 }
+# dc_solver runs its ratio search through this same path in test_dc_solver.py (sd15, DiT, DDPM);
+# dpm_solver_v3 on image models is refused in one line (their statistics need JVPs over encoded
+# reference data, not built yet): test_dpm_solver_v3.py.
 
 
 @pytest.fixture(scope="module")
