@@ -152,10 +152,11 @@ def _warn_nonfinite(df) -> None:
 
 
 def prepare_ems(cells, announce: bool = False) -> list[Path]:
-    """DPM-Solver-v3's empirical model statistics for every (model, guidance, ems_grid, ems_samples) the
-    cells need, before anything is generated: found in <results_dir>/.cache/ems/, else computed now for
-    the analytic model (the one-time cost is printed here, outside every cell's timing and NFE), else a
-    one-line error (image models need a reference image set, not built yet)."""
+    """DPM-Solver-v3's empirical model statistics for every (model, guidance, ems_grid, ems_samples,
+    ems_data) the cells need, before anything is generated: found in <results_dir>/.cache/ems/, else
+    computed now (the analytic model's exact draws, an image model's sampler.ems_data reference folder;
+    the one-time cost is printed here, outside every cell's timing and NFE), else a one-line error (an
+    image model without sampler.ems_data)."""
     wanted = {}
     for c in cells:
         if c.sampler.get("name") != "dpm_solver_v3":
@@ -165,28 +166,31 @@ def prepare_ems(cells, announce: bool = False) -> list[Path]:
             c.guidance,
             c.sampler.get("ems_grid"),
             c.sampler.get("ems_samples"),
+            c.sampler.get("ems_data"),
         )
         wanted.setdefault(key, c)
     if not wanted:
         return []
-    from samplebench.models import load_model
-    from samplebench.samplers.dpm_solver_v3 import validate_v3
-    from samplebench.samplers.ems import ems_key, ems_path, load_or_compute, missing_message
+    from samplebench.samplers.dpm_solver_v3 import model_check_v3, validate_v3
 
-    paths = []
-    for c in wanted.values():
+    for c in wanted.values():  # every refusal before any model is loaded
         validate_v3(c.sampler)
-        if c.model.get("name") != "gmm":
+        model_check_v3(c.sampler, c.model)
+    from samplebench.models import load_model
+    from samplebench.samplers.ems import ems_key, ems_path, load_or_compute
 
-            class _Named:
-                name = c.model.get("name")
-
-            raise UsageError(missing_message(_Named(), c.guidance))
-        model = load_model(c.model, "cpu")
+    paths, models = [], {}
+    for c in wanted.values():
+        model_key = repr(sorted(c.model.items()))
+        if model_key not in models:
+            device = "cpu" if c.model.get("name") == "gmm" else str(c.config.get("device", "auto"))
+            models[model_key] = load_model(c.model, device)
+        model = models[model_key]
         grid, n = int(c.sampler["ems_grid"]), int(c.sampler["ems_samples"])
+        data = c.sampler.get("ems_data") or None
         root = Path(str(c.config.get("results_dir", "results"))) / ".cache"
-        _, seconds = load_or_compute(model, c.guidance, grid, n, root)
-        path = ems_path(root, ems_key(model, c.guidance, grid, n))
+        _, seconds = load_or_compute(model, c.guidance, grid, n, root, data=data)
+        path = ems_path(root, ems_key(model, c.guidance, grid, n, data=data))
         paths.append(path)
         if seconds or announce:
             what = (
@@ -204,7 +208,8 @@ def prepare_ems(cells, announce: bool = False) -> list[Path]:
 @app.command()
 def ems(overrides: list[str] = OVERRIDES) -> None:
     """Compute and cache DPM-Solver-v3's empirical model statistics for a model and guidance:
-    samplebench ems model=gmm guidance=1,3 [sampler.ems_grid=250 sampler.ems_samples=256]."""
+    samplebench ems model=gmm guidance=1,3 [sampler.ems_grid=250 sampler.ems_samples=256]; image models
+    need a reference folder: samplebench ems model=sd15 sampler.ems_data=<folder of images>."""
     from samplebench.config import plan
 
     given = list(overrides or [])

@@ -124,6 +124,9 @@ def content_identity(config: dict[str, Any], known_weights: dict[str, dict[str, 
     moments = (config.get("sampler") or {}).get("moments")
     if moments:  # teleportation's reference images (sampler.moments)
         out["sampler.moments"] = weights_identity(Path(str(moments)).expanduser(), known_weights)
+    ems_data = (config.get("sampler") or {}).get("ems_data")
+    if ems_data:  # DPM-Solver-v3's reference images (sampler.ems_data)
+        out["sampler.ems_data"] = weights_identity(Path(str(ems_data)).expanduser(), known_weights)
     if model.get("path"):
         out["weights"] = weights_identity(Path(str(model["path"])).expanduser(), known_weights)
     elif model.get("id"):

@@ -14,7 +14,7 @@ from samplebench.samplers import SAMPLERS
 
 def _order_variants(name):
     """Every order-like option value the sampler documents, one run each."""
-    base = options(name)
+    base = contract_options(name)
     values = dict(SAMPLERS[name].choices)
     if "solver_order" in base:  # diffusers' multistep schedulers take orders 1-3
         values["solver_order"] = (1, 2, 3)
@@ -22,6 +22,13 @@ def _order_variants(name):
 
 
 CONTRACT_NFE = list(range(3, 31))
+# Options that keep a per-grid search cheap across the 200-odd grids below (the contract is about the
+# sampler's calls, not the searched values; test_dc_solver.py checks the search at its defaults).
+CONTRACT_OPTIONS = {"dc_solver": {"calibration": 2, "iterations": 2}}
+
+
+def contract_options(name):
+    return {**options(name), **CONTRACT_OPTIONS.get(name, {})}
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -34,7 +41,7 @@ def test_registry_contracts_on_every_schedule(gmm, name):
     for schedule in GRID_SCHEDULES:
         if not takes(name, schedule):
             with pytest.raises(UsageError, match="cannot run schedule"):
-                run(gmm, name, 10, idx, schedule=schedule)
+                run(gmm, name, 10, idx, schedule=schedule, opts=contract_options(name))
             continue
         for nfe in CONTRACT_NFE:
             rule = spec.rule(options(name), schedule_cfg(schedule))
@@ -45,7 +52,9 @@ def test_registry_contracts_on_every_schedule(gmm, name):
             if steps < 2:
                 continue
             try:
-                out, calls, counter, grid, x0 = run(gmm, name, nfe, idx, schedule=schedule, record=True)
+                out, calls, counter, grid, x0 = run(
+                    gmm, name, nfe, idx, schedule=schedule, record=True, opts=contract_options(name)
+                )
             except UsageError as e:  # integer timesteps that collide at this N: an explained refusal
                 assert "repeated" in str(e), str(e)
                 continue

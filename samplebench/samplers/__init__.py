@@ -33,7 +33,7 @@ from samplebench.samplers.dpm_solver import (
     sample_dpmpp_2s,
     sample_dpmpp_multistep,
 )
-from samplebench.samplers.dpm_solver_v3 import run_dpm_solver_v3, validate_v3
+from samplebench.samplers.dpm_solver_v3 import model_check_v3, run_dpm_solver_v3, validate_v3
 from samplebench.samplers.euler import (
     sample_ddim,
     sample_dpm2,
@@ -439,6 +439,7 @@ COMPOSED = [
             "lower_order_final": (False, True),
         },
         validate=validate_v3,
+        model_check=model_check_v3,
     ),
     SamplerSpec(
         "dc_solver",

@@ -250,6 +250,7 @@ V3_OPTIONS = (
     "lower_order_final",
     "ems_grid",
     "ems_samples",
+    "ems_data",
 )
 
 
@@ -262,6 +263,29 @@ def validate_v3(options: dict) -> None:
         value = options.get(key, low)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise UsageError(f"sampler.{key}={value} must be a whole number >= {low}")
+    data = options.get("ems_data")
+    if data is not None and not isinstance(data, str):
+        raise UsageError(f"sampler.ems_data={data} must be a folder of reference images")
+
+
+def model_check_v3(options: dict, model_cfg: dict) -> None:
+    """At plan time: the analytic model has exact data and takes no folder; image models need
+    sampler.ems_data, an existing folder (one-line UsageErrors)."""
+    from pathlib import Path
+
+    from samplebench.errors import UsageError
+    from samplebench.samplers.ems import missing_message
+
+    data = options.get("ems_data")
+    name = model_cfg.get("name")
+    if name == "gmm":
+        if data:
+            raise UsageError("sampler.ems_data is for image models; model=gmm has exact data draws (drop it)")
+        return
+    if not data:
+        raise UsageError(missing_message(name))
+    if not Path(str(data)).expanduser().is_dir():
+        raise UsageError(f"sampler.ems_data={data} is not a folder; point it at a folder of reference images")
 
 
 def run_dpm_solver_v3(denoise, x, grid, options, generators, context=None) -> torch.Tensor:
@@ -276,7 +300,10 @@ def run_dpm_solver_v3(denoise, x, grid, options, generators, context=None) -> to
     opts = {k: v for k, v in options.items() if k in V3_OPTIONS}
     grid_size = int(opts.pop("ems_grid", DEFAULT_GRID))
     n_samples = int(opts.pop("ems_samples", DEFAULT_SAMPLES))
-    ems, _ = load_or_compute(context.model, float(context.guidance), grid_size, n_samples, context.cache_root)
+    data = opts.pop("ems_data", None)
+    ems, _ = load_or_compute(
+        context.model, float(context.guidance), grid_size, n_samples, context.cache_root, data=data
+    )
     return sample_dpm_solver_v3(denoise, x, grid.sigmas, generators, ems=ems, **opts)
 
 

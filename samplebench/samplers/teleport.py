@@ -35,16 +35,15 @@ the guided field is that same Gaussian's, whatever the guidance.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from samplebench.errors import UsageError
 from samplebench.samplers.base import Denoiser, NfeRule, SamplerContext
+from samplebench.samplers.reference import encoded_reference, reference_digest, reference_paths
 from samplebench.schedules import Grid
 
 # ODE samplers a teleport can hand over to (each runs at its registered defaults; euler is left out
@@ -62,56 +61,19 @@ def _moments(model: Any, cond: Any) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return model.gaussian_moments(cond)
 
 
-def _vae_identity(model: Any) -> str:
-    """sha256 of the encoder's parameters (computed once per loaded model): the cache key must change
-    with the weights that map images to states."""
-    known = getattr(model, "_teleport_vae_sha", None)
-    if known is None:
-        h = hashlib.sha256(f"{model.name}|{model.resolution}|{tuple(model.sample_shape)}".encode())
-        vae = getattr(model, "vae", None)
-        if vae is not None:
-            for name, tensor in sorted(vae.state_dict().items()):
-                h.update(name.encode())
-                h.update(tensor.detach().float().cpu().numpy().tobytes())
-        known = h.hexdigest()[:16]
-        model._teleport_vae_sha = known
-    return known
-
-
 def reference_moments(
     model: Any, folder: str | Path, cache_root: Path | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean (d,), principal directions (d, r) and variances (r,) of the reference images' sampler states,
     float64 on the model's device; cached per (images' content, encoder weights, resolution)."""
-    from PIL import Image
-
     from samplebench import cache
-    from samplebench.metrics.images import iter_image_batches, list_images
 
-    folder = Path(str(folder)).expanduser()
-    if not folder.is_dir():
-        raise UsageError(
-            f"sampler.moments={folder} is not a folder; point it at a folder of reference images"
-        )
-    paths = list_images(folder)
-    if len(paths) < 2:
-        raise UsageError(f"sampler.moments={folder} holds {len(paths)} image; a covariance needs at least 2")
-    h = hashlib.sha256(_vae_identity(model).encode())
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    path = None if cache_root is None else Path(cache_root) / "teleport" / f"{h.hexdigest()[:24]}.npz"
+    paths = reference_paths(folder, "sampler.moments", at_least=2)  # a covariance needs 2
+    digest = reference_digest(model, paths)
+    path = None if cache_root is None else Path(cache_root) / "teleport" / f"{digest}.npz"
     found = None if path is None or not path.exists() else cache.load(path, ("mean", "vectors", "values"))
     if found is None:
-        side = int(model.resolution)
-        states = []
-        for batch in iter_image_batches(paths, 16):
-            if batch.shape[1:3] != (side, side):  # resized to the model's resolution (PIL bicubic)
-                batch = np.stack(
-                    [np.asarray(Image.fromarray(b).resize((side, side), Image.BICUBIC)) for b in batch]
-                )
-            states.append(model.encode_images(batch).double().reshape(len(batch), -1).cpu())
-        data = torch.cat(states)
+        data = encoded_reference(model, paths).reshape(len(paths), -1)
         mean = data.mean(0)
         _, sv, vt = torch.linalg.svd(data - mean, full_matrices=False)
         keep = sv > sv[0] * 1e-10  # drop the null directions of n - 1 < d samples
