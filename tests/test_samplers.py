@@ -126,6 +126,9 @@ OPTION_VALUES = {
     # teleport's reference folder is for image models (the analytic model has exact moments): it is
     # exercised in test_paper_samplers_images.py on a tiny pipeline.
     ("moments", None): (None,),
+    # DPM-Solver-v3's reference folder is for image models too (the analytic model draws exact data):
+    # exercised in test_paper_samplers_images.py.
+    ("ems_data", None): (None,),
     # time shift (ts_ddim, ts_dpmpp): off, the default, wider; cutoffs from everywhere to nowhere
     ("window", 30): (0, 30, 60),
     ("cutoff", 300): (0, 300, 999),
