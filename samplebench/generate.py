@@ -47,7 +47,10 @@ def steps_for(cell: Cell) -> int:
     if spec.model_check is not None:
         spec.model_check(_sampler_options(cell), cell.model)
     rule = spec.rule(_sampler_options(cell), cell.schedule)
-    return rule.steps(cell.nfe, cell.sampler["name"], bool(cell.config["allow_lower_nfe"]))
+    steps = rule.steps(cell.nfe, cell.sampler["name"], bool(cell.config["allow_lower_nfe"]))
+    if spec.steps_check is not None:
+        spec.steps_check(_sampler_options(cell), steps)
+    return steps
 
 
 def grid_for(model: Any, cell: Cell, steps: int) -> Grid:

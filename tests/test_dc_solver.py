@@ -317,6 +317,29 @@ def test_bad_options_are_one_line_errors(gmm):
         run(gmm, "dc_solver", 5, [0], opts={**options("dc_solver"), "ratios": "cpr:/nonexistent.npy"})
 
 
+def test_ratio_lists_and_cpr_files_are_checked_when_the_sweep_is_planned(tmp_path):
+    """A list of the wrong length and a missing cpr: file are one-line errors, exit 2, before anything
+    is generated (the step count is known at plan time)."""
+    from cli_run import cli_here
+
+    for bad, message in (
+        ("sampler.ratios=[1,2]", "sampler.ratios has 2 entries; this run takes 5 steps"),
+        ("sampler.ratios=cpr:/nonexistent.npy", "sampler.ratios=cpr:/nonexistent.npy: no such file"),
+    ):
+        r = cli_here(
+            "sweep",
+            "model=gmm",
+            "sampler=dc_solver",
+            bad,
+            "nfe=5",
+            "num_images=10",
+            f"results_dir={tmp_path}",
+        )
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+        assert not list(tmp_path.rglob("*.npz"))
+
+
 @pytest.mark.parametrize("model", ["sd15", "dit", "ddpm_cifar10"])
 def test_search_on_image_models_through_the_sweep(tmp_path, model):
     """The search's network path (tiny random pipelines of tests/tiny_models.py, `model=<kind>

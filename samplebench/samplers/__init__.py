@@ -17,6 +17,7 @@ import torch
 from samplebench.errors import UsageError
 from samplebench.samplers.base import NfeRule, SamplerSpec
 from samplebench.samplers.dc_solver import DC_ORDERS, REFERENCES, run_dc_solver
+from samplebench.samplers.dc_solver import steps_check as steps_check_dc
 from samplebench.samplers.dc_solver import validate as validate_dc
 from samplebench.samplers.deis import (
     RK_TABLEAUX,
@@ -452,6 +453,7 @@ COMPOSED = [
         needs_context=True,
         choices={"order": (1, 2, 3), "dc_order": DC_ORDERS, "reference": REFERENCES},
         validate=validate_dc,
+        steps_check=steps_check_dc,
     ),
 ]
 

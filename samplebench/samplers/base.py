@@ -94,6 +94,8 @@ class SamplerSpec:
     validate: Callable[[dict[str, Any]], None] | None = None
     # A plan-time check of the options against the cell's model config (one-line UsageError).
     model_check: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+    # A plan-time check of the options against the cell's step count (one-line UsageError).
+    steps_check: Callable[[dict[str, Any], int], None] | None = None
 
     @property
     def paper(self) -> str:

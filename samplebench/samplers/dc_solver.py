@@ -547,7 +547,16 @@ def _options(options: dict[str, Any]) -> tuple[Any, Setting, Search]:
 
 
 def validate(options: dict[str, Any]) -> None:
-    _options(options)
+    ratios, _, _ = _options(options)
+    if isinstance(ratios, str) and ratios.startswith("cpr:") and not Path(ratios[4:]).expanduser().is_file():
+        raise UsageError(f"sampler.ratios={ratios}: no such file; point cpr: at a CPR coefficient .npy file")
+
+
+def steps_check(options: dict[str, Any], steps: int) -> None:
+    """At plan time: a list of ratios has one entry per step of the cell."""
+    ratios, _, _ = _options(options)
+    if isinstance(ratios, list) and len(ratios) != steps:
+        raise UsageError(f"sampler.ratios has {len(ratios)} entries; this run takes {steps} steps (one each)")
 
 
 def resolve_ratios(
