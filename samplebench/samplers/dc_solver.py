@@ -71,7 +71,7 @@ from samplebench import cache
 from samplebench.errors import UsageError, brief
 from samplebench.samplers.base import Denoiser, SamplerContext, guided_denoiser
 from samplebench.samplers.euler import _at, _levels
-from samplebench.samplers.unipc import VARIANTS, _coefficients
+from samplebench.samplers.unipc import VARIANTS, corrector_step, predictor_step
 from samplebench.schedules import Grid
 
 DC_ORDERS = (1, 2, 3)
@@ -105,34 +105,6 @@ def compensate(d_hist: list[torch.Tensor], t_hist: list[float], ratio: Any, dc_o
         w = w.to(d.dtype) if isinstance(w, torch.Tensor) else w
         out = w * d if out is None else out + w * d
     return out
-
-
-# -- UniPC steps, arithmetic identical to samplers/unipc.py --------------------------------------
-def _predict(x, sig: float, nxt: float, d_hist, lam_hist, this_order: int, variant: str):
-    """UniP from level sig to nxt with d_hist[0] the output at sig (unipc.sample_unipc's predictor)."""
-    d, lam = d_hist[0], lam_hist[0]
-    if nxt == 0:
-        return d
-    h = -math.log(nxt) - lam
-    rks = [(lam_hist[k] - lam) / h for k in range(1, this_order)]
-    x_next = (nxt / sig) * x - math.expm1(-h) * d
-    if this_order > 1:
-        R, b, b_h = _coefficients(h, rks, this_order, variant)
-        rhos = np.array([0.5]) if this_order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
-        res = sum(float(rhos[k - 1]) * (d_hist[k] - d) / rks[k - 1] for k in range(1, this_order))
-        x_next = x_next - b_h * res
-    return x_next
-
-
-def _correct(prev_x, prev_sig: float, sig: float, d, d_hist, lam_hist, prev_order: int, variant: str):
-    """UniC: the step prev_sig -> sig again with d = D at the predicted state (unipc's corrector)."""
-    h = -math.log(sig) - lam_hist[0]
-    rks = [(lam_hist[k] - lam_hist[0]) / h for k in range(1, prev_order)]
-    R, b, b_h = _coefficients(h, rks, prev_order, variant)
-    rhos = np.array([0.5]) if prev_order == 1 else np.linalg.solve(R, b)
-    res = sum(float(rhos[k - 1]) * (d_hist[k] - d_hist[0]) / rks[k - 1] for k in range(1, prev_order))
-    res = res + float(rhos[-1]) * (d - d_hist[0])
-    return (sig / prev_sig) * prev_x - math.expm1(-h) * d_hist[0] - b_h * res
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +144,7 @@ def _solve(
         sig, nxt = s[i], s[i + 1]
         d = denoise(x, _at(sig))
         if st.corrects(i) and prev_x is not None:
-            x = _correct(prev_x, s[i - 1], sig, d, d_hist, lam_hist, prev_order, st.variant)
+            x = corrector_step(prev_x, s[i - 1], sig, d, d_hist, lam_hist, prev_order, st.variant)
         d_hist.insert(0, d)
         lam_hist.insert(0, -math.log(sig))
         t_hist.insert(0, ts[i])
@@ -184,7 +156,7 @@ def _solve(
             ratio = search(i, x, d_hist, lam_hist, t_hist, this_order) if search else ratios[i]
             if ratio != 1.0:
                 d_hist[0] = compensate(d_hist, t_hist, ratio, st.dc_order)
-        x = _predict(x, sig, nxt, d_hist, lam_hist, this_order, st.variant)
+        x = predictor_step(x, sig, nxt, d_hist, lam_hist, this_order, st.variant)
     return x
 
 
@@ -395,10 +367,10 @@ def search_ratios(
 
         def loss_at(ratio):
             d_hist_c = [compensate(d_hist, t_hist, ratio, st.dc_order)] + d_hist[1:]
-            x_next = _predict(x_i, s[i], nxt, d_hist_c, lam_hist, this_order, st.variant)
+            x_next = predictor_step(x_i, s[i], nxt, d_hist_c, lam_hist, this_order, st.variant)
             if nxt > 0 and st.corrects(i + 1):
                 d_next = counted(x_next, _at(nxt))
-                x_next = _correct(x_i, s[i], nxt, d_next, d_hist_c, lam_hist, this_order, st.variant)
+                x_next = corrector_step(x_i, s[i], nxt, d_next, d_hist_c, lam_hist, this_order, st.variant)
             return torch.mean((x_next.double() - target.double()) ** 2)
 
         param = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64, device=x_i.device))

@@ -40,6 +40,35 @@ def _coefficients(
     return np.stack(rows), np.asarray(b), b_h
 
 
+def predictor_step(x, sig: float, nxt: float, d_hist, lam_hist, order: int, variant: str) -> torch.Tensor:
+    """UniP-p from level sig to nxt, d_hist[0] = D at sig (newest first, lam_hist its -log sigma); the
+    step to nxt = 0 is D itself. Shared by sample_unipc and DC-Solver (which edits d_hist[0] first)."""
+    d, lam = d_hist[0], lam_hist[0]
+    if nxt == 0:
+        return d
+    h = -math.log(nxt) - lam
+    rks = [(lam_hist[k] - lam) / h for k in range(1, order)]
+    x_next = (nxt / sig) * x - math.expm1(-h) * d
+    if order > 1:
+        R, b, b_h = _coefficients(h, rks, order, variant)
+        rhos = np.array([0.5]) if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
+        res = sum(float(rhos[k - 1]) * (d_hist[k] - d) / rks[k - 1] for k in range(1, order))
+        x_next = x_next - b_h * res
+    return x_next
+
+
+def corrector_step(prev_x, prev_sig: float, sig: float, d, d_hist, lam_hist, order: int, variant: str):
+    """UniC-p: the step prev_sig -> sig again from prev_x, now with d = D at the predicted state (d_hist,
+    lam_hist: the history the predictor used, newest first)."""
+    h = -math.log(sig) - lam_hist[0]
+    rks = [(lam_hist[k] - lam_hist[0]) / h for k in range(1, order)]
+    R, b, b_h = _coefficients(h, rks, order, variant)
+    rhos = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
+    res = sum(float(rhos[k - 1]) * (d_hist[k] - d_hist[0]) / rks[k - 1] for k in range(1, order))
+    res = res + float(rhos[-1]) * (d - d_hist[0])
+    return (sig / prev_sig) * prev_x - math.expm1(-h) * d_hist[0] - b_h * res
+
+
 def sample_unipc(
     denoise: Denoiser,
     x: torch.Tensor,
@@ -65,32 +94,14 @@ def sample_unipc(
     for i in range(steps):
         sig, nxt = s[i], s[i + 1]
         d = denoise(x, _at(sig))
-        lam = -math.log(sig)
         if corrector and prev_x is not None:
             # UniC: the step from the previous level to this one again, now with D at this level.
-            h = lam - lam_hist[0]
-            rks = [(lam_hist[k] - lam_hist[0]) / h for k in range(1, prev_order)]
-            R, b, b_h = _coefficients(h, rks, prev_order, variant)
-            rhos = np.array([0.5]) if prev_order == 1 else np.linalg.solve(R, b)
-            res = sum(float(rhos[k - 1]) * (d_hist[k] - d_hist[0]) / rks[k - 1] for k in range(1, prev_order))
-            res = res + float(rhos[-1]) * (d - d_hist[0])
-            x = (sig / s[i - 1]) * prev_x - math.expm1(-h) * d_hist[0] - b_h * res
+            x = corrector_step(prev_x, s[i - 1], sig, d, d_hist, lam_hist, prev_order, variant)
         d_hist.insert(0, d)
-        lam_hist.insert(0, lam)
+        lam_hist.insert(0, -math.log(sig))
         del d_hist[order:], lam_hist[order:]
         this_order = min(order, steps - i) if lower_order_final else order
         this_order = min(this_order, len(d_hist))
         prev_x, prev_order = x, this_order
-        if nxt == 0:
-            x = d
-            continue
-        h = -math.log(nxt) - lam
-        rks = [(lam_hist[k] - lam) / h for k in range(1, this_order)]
-        x_next = (nxt / sig) * x - math.expm1(-h) * d
-        if this_order > 1:
-            R, b, b_h = _coefficients(h, rks, this_order, variant)
-            rhos = np.array([0.5]) if this_order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
-            res = sum(float(rhos[k - 1]) * (d_hist[k] - d) / rks[k - 1] for k in range(1, this_order))
-            x_next = x_next - b_h * res
-        x = x_next
+        x = predictor_step(x, sig, nxt, d_hist, lam_hist, this_order, variant)
     return x
