@@ -2,6 +2,8 @@
 model.path=...` on a tiny random pipeline in the upstream format): counted NFE equal to the request,
 finite images, teleportation's moments and DPM-Solver-v3's statistics from a reference image folder."""
 
+import os
+
 import numpy as np
 import pytest
 import tiny_models  # tests/tiny_models.py
@@ -14,6 +16,7 @@ from samplebench.config import conf_dir, plan
 from samplebench.errors import UsageError
 from samplebench.generate import generate
 from samplebench.models import load_model
+from samplebench.samplers import teleport
 from samplebench.samplers.teleport import reference_moments
 
 # name -> extra sampler overrides (teleport's and dpm_solver_v3's reference folder is filled in by the
@@ -85,6 +88,7 @@ def test_teleport_moments_are_the_encoded_reference_images_mean_and_covariance(
 
     cfg = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / "sd15.yaml"))
     model = load_model({**cfg, "path": str(sd), "dtype": "float32"}, "cpu")
+    teleport._MOMENTS.clear()  # (a sweep above may have computed them in this process)
     mean, vectors, values = reference_moments(model, reference_images, tmp_path / "cache")
     vae = AutoencoderKL.from_pretrained(sd, subfolder="vae")
     imgs = [
@@ -103,9 +107,25 @@ def test_teleport_moments_are_the_encoded_reference_images_mean_and_covariance(
     cov = (vectors * values) @ vectors.T
     np.testing.assert_allclose(cov.numpy(), np.cov(z.T), rtol=0, atol=1e-5 * np.abs(np.cov(z.T)).max())
     assert vectors.shape[1] == len(imgs) - 1  # rank n - 1
-    # the second call reads the cache (the same arrays, bit for bit)
+    # a later batch of the process takes them from memory; a new process reads the cache file (the
+    # same arrays, bit for bit) without encoding the images again
+    assert reference_moments(model, reference_images, tmp_path / "cache")[1] is vectors
+    teleport._MOMENTS.clear()
+    model.encode_images = None  # encoding again would fail
     again = reference_moments(model, reference_images, tmp_path / "cache")
     assert all(torch.equal(a, b) for a, b in zip((mean, vectors, values), again, strict=True))
+    # a reference image touched but unchanged keeps its digest (content, not mtime); an edited one is
+    # read again and moves the cache key, so the moments are computed anew (and encoding fails here)
+    first = sorted(reference_images.iterdir())[0]
+    original = first.read_bytes()
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert reference_moments(model, reference_images, tmp_path / "cache")[1] is again[1]
+    try:
+        Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(first)
+        with pytest.raises(TypeError):
+            reference_moments(model, reference_images, tmp_path / "cache")
+    finally:
+        first.write_bytes(original)
 
 
 def test_teleport_on_an_image_model_without_moments_is_refused_at_plan_time(tmp_path, sd):

@@ -48,13 +48,21 @@ def reference_paths(folder: str | Path, option: str, at_least: int = 1) -> list[
     return paths
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
 def reference_digest(model: Any, paths: list[Path]) -> str:
-    """sha256 over the encoder's identity and the images' names and bytes (24 hex digits)."""
-    h = hashlib.sha256(vae_identity(model).encode())
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:24]
+    """sha256 over the encoder's identity and the images' names and bytes (24 hex digits). Samplers ask
+    for it on every batch, so the images are read again only when a file's size or mtime moved."""
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    key = (vae_identity(model), stats)
+    if key not in _DIGESTS:
+        h = hashlib.sha256(key[0].encode())
+        for p in paths:
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+        _DIGESTS[key] = h.hexdigest()[:24]
+    return _DIGESTS[key]
 
 
 def encoded_reference(model: Any, paths: list[Path], batch_size: int = 16) -> torch.Tensor:
