@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from samplebench.errors import UsageError
+from samplebench.models import is_analytic
 
 app = typer.Typer(
     add_completion=False,
@@ -183,7 +184,7 @@ def prepare_ems(cells, announce: bool = False) -> list[Path]:
     for c in wanted.values():
         model_key = repr(sorted(c.model.items()))
         if model_key not in models:
-            device = "cpu" if c.model.get("name") == "gmm" else str(c.config.get("device", "auto"))
+            device = "cpu" if is_analytic(str(c.model.get("name"))) else str(c.config.get("device", "auto"))
             models[model_key] = load_model(c.model, device)
         model = models[model_key]
         grid, n = int(c.sampler["ems_grid"]), int(c.sampler["ems_samples"])
@@ -412,7 +413,11 @@ def list_(what: str = typer.Argument("samplers", help="samplers, schedules, mode
         for name in ANALYTIC + IMAGE:
             table.add_row(
                 name,
-                "gmm" if name in ANALYTIC else "text-to-image models" if name in TEXT else "image models",
+                "gmm, gmm_flow"
+                if name in ANALYTIC
+                else "text-to-image models"
+                if name in TEXT
+                else "image models",
                 "lower is better" if lower_is_better(name) else "higher is better",
                 "yes" if name in defaults else "no",
                 needs.get(name, ""),

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from samplebench.errors import UsageError
+from samplebench.models import is_analytic
+from samplebench.samplers.base import GUIDANCE_KINDS
 
 GROUPS = ("model", "sampler", "schedule", "metrics", "prompts", "launcher")
 
@@ -80,7 +83,7 @@ class Cell:
             "prompts",
             "content",
         )
-        if self.model.get("name") == "gmm":
+        if is_analytic(str(self.model.get("name"))):
             keys = tuple(k for k in keys if k != "prompts")  # its conditions come from the seed, not prompts
         ident = {k: self.config.get(k) for k in keys}
         if not ident["content"]:  # nothing read from disk (analytic model): the hash it had before content
@@ -192,6 +195,16 @@ def plan(overrides: list[str]) -> list[Cell]:
 def _make_cell(cfg: DictConfig) -> Cell:
     c = OmegaConf.to_container(cfg, resolve=True)
     validate(c)
+    kind = c["model"].get("guidance_kind", "cfg")
+    if kind not in GUIDANCE_KINDS:
+        raise UsageError(f"model.guidance_kind={kind} is unknown; choose one of {', '.join(GUIDANCE_KINDS)}")
+    if kind == "none" and float(c["guidance"]) != 1.0:
+        # A model without guidance runs once, at guidance=1, in a sweep that guides the others.
+        _note_once(
+            f"model={c['model']['name']} takes no guidance (guidance_kind: none): its cells run at "
+            f"guidance=1, not guidance={c['guidance']:g}"
+        )
+        c["guidance"] = 1.0
     model_default = OmegaConf.to_container(
         OmegaConf.load(conf_dir() / "model" / f"{c['model']['name']}.yaml")
     )
@@ -211,6 +224,15 @@ def _make_cell(cfg: DictConfig) -> Cell:
         config=c,
         schedule_label=_schedule_label(c["schedule"], schedule_default),
     )
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(message, file=sys.stderr)
 
 
 def _schedule_label(chosen: dict[str, Any], defaults: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from samplebench import store
 from samplebench.config import Cell
 from samplebench.errors import UsageError
-from samplebench.models import load_model
+from samplebench.models import is_analytic, load_model
 from samplebench.prompts import load_labels, load_prompts
 from samplebench.samplers import get_sampler
 from samplebench.samplers.base import CountingDenoiser, SamplerContext, guided_denoiser
@@ -208,7 +208,7 @@ def wanted_timed_calls(cell: Cell) -> int:
     of cells that are only a batch or two long)."""
     wanted = (cell.config.get("timing") or {}).get("repeats", "auto")
     if wanted in (None, "auto"):
-        return 15 if cell.model.get("name") == "gmm" else 3
+        return 15 if is_analytic(str(cell.model.get("name"))) else 3
     return int(wanted)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from samplebench import store
 from samplebench.config import Cell
 from samplebench.errors import UsageError
+from samplebench.models import is_analytic
 
 PLAN_FILE = "plan.json"
 CONTENT_WHAT = {
@@ -110,7 +111,7 @@ def content_identity(config: dict[str, Any], known_weights: dict[str, dict[str, 
     image model) and the weights (model.path: their sha256; model.id: the hub id, whose snapshot the
     worker records)."""
     model = config["model"]
-    if model.get("name") == "gmm":
+    if is_analytic(str(model.get("name"))):
         return {}
     out: dict[str, str] = {}
     prompts = config.get("prompts") or {}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from samplebench.errors import UsageError
-from samplebench.models.base import NoiseSchedule
+from samplebench.models.base import FLOW_T1_SIGMA, NoiseSchedule, flow_shift
 
 # Align Your Steps (Sabour et al. 2024, arXiv:2404.14507): the published 10-step levels, as
 # diffusers ships them in diffusers.schedulers.AysSchedules (the final 0 dropped here).
@@ -48,6 +48,8 @@ class ScheduleSpec:
     title: str
     levels: Callable[[NoiseSchedule, int, dict[str, Any]], torch.Tensor]
     source: str
+    # The model kinds it is defined for: the training-index schedules need a discrete VP model.
+    kinds: tuple[str, ...] = ("vp_discrete", "flow")
 
 
 def _karras(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
@@ -89,6 +91,43 @@ def _polyexponential(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torc
     lo, hi = _range(noise, opts)
     ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
     return (ramp * (np.log(hi) - np.log(lo)) + np.log(lo)).exp()
+
+
+def _flow(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
+    """Flow matching's own spacing, as the pipelines run it: t uniform from 1 (pure noise, the stand-in
+    FLOW_T1_SIGMA) down to the smallest training time (SD3, FlowMatchEulerDiscreteScheduler.set_timesteps:
+    that end is the shifted 1/T, and the whole line is shifted again, as diffusers does) or to 1/N
+    (schedule.end=1/N, FluxPipeline), then shifted: SD3's static shift (schedule.shift, default the
+    model's) or FLUX's dynamic shift (schedule.mu, default the model's at its resolution).
+    schedule.start=train starts at 1 - 1/T instead of 1: with end=1/N that is diffusers'
+    use_flow_sigmas grid (DPMSolverMultistepScheduler, UniPCMultistepScheduler), whose logSNR
+    solvers cannot start at t = 1 (lambda = -infinity).
+    On a VP model the same times are used as flow times (sigma = t / (1 - t))."""
+    shift = float(opts["shift"]) if opts.get("shift") is not None else noise.shift
+    mu = opts.get("mu")
+    mu = (noise.mu if opts.get("shift") is None else None) if mu is None else float(mu)
+    end = str(opts.get("end") or noise.flow_end)
+    if shift <= 0:
+        raise UsageError(f"schedule.shift={shift} must be positive (SD3 uses 3.0, 1 is no shift)")
+    start = str(opts.get("start") or "1")
+    T = noise.num_train_timesteps if noise.is_flow else 1000
+    if start not in ("1", "train"):
+        raise UsageError(
+            f"schedule.start={start} is unknown; choose 1 (pure noise, FlowMatchEuler) or train "
+            "(1 - 1/T, diffusers' use_flow_sigmas for DPM-Solver++ and UniPC)"
+        )
+    first = 1.0 if start == "1" else 1.0 - 1.0 / T
+    if end == "train":
+        last = 1.0 / T if mu is not None else float(flow_shift(1.0 / T, shift))
+        base = np.linspace(first, last, n)
+    elif end == "1/N":
+        base = np.linspace(first, 0.0, n + 1)[:-1]
+    else:
+        raise UsageError(f"schedule.end={end} is unknown; choose train (SD3's spacing) or 1/N (FLUX's)")
+    t = np.asarray(flow_shift(base, shift, mu), dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        sigmas = np.where(t >= 1.0, FLOW_T1_SIGMA, t / (1 - t))
+    return torch.as_tensor(sigmas)
 
 
 def _diffusers_spacing(kind: str) -> Callable[[NoiseSchedule, int, dict[str, Any]], torch.Tensor]:
@@ -177,12 +216,14 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             "uniform in time",
             _time_uniform,
             "Lu et al. 2022, arXiv:2206.00927 (time_uniform)",
+            kinds=("vp_discrete",),
         ),
         ScheduleSpec(
             "time_quadratic",
             "quadratic in time",
             _time_quadratic,
             "Song et al. 2021 (DDIM quadratic); DPM-Solver skip_type=time_quadratic",
+            kinds=("vp_discrete",),
         ),
         ScheduleSpec("logsnr", "uniform in logSNR", _logsnr, "Lu et al. 2022, arXiv:2206.00927 (logSNR)"),
         ScheduleSpec(
@@ -198,19 +239,36 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             "k-diffusion get_sigmas_polyexponential",
         ),
         ScheduleSpec(
-            "linspace", "diffusers linspace", _diffusers_spacing("linspace"), "diffusers timestep_spacing"
+            "linspace",
+            "diffusers linspace",
+            _diffusers_spacing("linspace"),
+            "diffusers timestep_spacing",
+            kinds=("vp_discrete",),
         ),
         ScheduleSpec(
-            "leading", "diffusers leading", _diffusers_spacing("leading"), "diffusers timestep_spacing"
+            "leading",
+            "diffusers leading",
+            _diffusers_spacing("leading"),
+            "diffusers timestep_spacing",
+            kinds=("vp_discrete",),
         ),
         ScheduleSpec(
             "trailing",
             "diffusers trailing",
             _diffusers_spacing("trailing"),
             "Lin et al. 2024, arXiv:2305.08891",
+            kinds=("vp_discrete",),
         ),
-        ScheduleSpec("ays", "Align Your Steps", _ays, "Sabour et al. 2024, arXiv:2404.14507"),
+        ScheduleSpec(
+            "ays", "Align Your Steps", _ays, "Sabour et al. 2024, arXiv:2404.14507", kinds=("vp_discrete",)
+        ),
         ScheduleSpec("custom", "custom levels", _custom, "schedule.sigmas=[...]"),
+        ScheduleSpec(
+            "flow",
+            "flow matching (shift)",
+            _flow,
+            "Esser et al. 2024, arXiv:2403.03206 (SD3 shift); diffusers FlowMatchEulerDiscreteScheduler",
+        ),
     ]
 }
 
@@ -234,6 +292,12 @@ def make_grid(schedule: dict[str, Any], noise: NoiseSchedule, steps: int) -> Gri
     if steps < 1:
         raise UsageError(f"a schedule needs at least one step, got {steps}")
     spec = get_schedule(str(schedule.get("name")))
+    if noise.kind not in spec.kinds:
+        fits = [n for n, sp in SCHEDULES.items() if noise.kind in sp.kinds]
+        raise UsageError(
+            f"schedule={spec.name} is defined on a discrete diffusion model's training timesteps, not on "
+            f"this {noise.kind} model; choose schedule={', '.join(fits)}"
+        )
     opts = {k: v for k, v in schedule.items() if k != "name"}
     levels = spec.levels(noise, steps, opts).double().reshape(-1)
     if len(levels) != steps:

@@ -15,6 +15,7 @@ from typing import Any
 
 from samplebench.errors import UsageError
 from samplebench.metrics.names import ANALYTIC, IMAGE, TEXT
+from samplebench.models import is_analytic
 
 NEEDS_REF = ("fid", "kid", "precision", "recall")
 INCEPTION = ("fid", "kid", "is", "precision", "recall")
@@ -42,7 +43,7 @@ class Preflight:
 def condition_kind(model: dict[str, Any]) -> str:
     """What the model is conditioned on, read from its config or its model_index.json without loading it."""
     name = model.get("name")
-    if name == "gmm":
+    if is_analytic(str(name)):
         return "component"
     index = None
     if model.get("path"):

@@ -18,7 +18,7 @@ from samplebench.memory import release_freed_memory
 from samplebench.metrics import analytic, preflight
 from samplebench.metrics.names import ALL, ANALYTIC, TEXT
 from samplebench.metrics.reference import ReferenceSolveError
-from samplebench.models import load_model
+from samplebench.models import is_analytic, load_model
 from samplebench.provenance import git_commit, versions
 from samplebench.report import FILE_KEY_COLUMNS, METRICS_COLUMNS, NONFINITE
 
@@ -355,7 +355,7 @@ def compute_metrics(
             cfg = cell.info["config"]
             timing = timing_row(cell)
             timings.append(timing)
-            gmm = cfg["model"]["name"] == "gmm"
+            gmm = is_analytic(cfg["model"]["name"])
             wanted = [n for n in names if (n in ANALYTIC) == gmm]
             if cell.condition_kind != "text":  # no prompt to score an image against
                 wanted = [n for n in wanted if n not in TEXT]

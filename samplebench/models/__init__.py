@@ -26,15 +26,28 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+# The exact analytic models (no network, no weights): their metrics are fd_exact and traj_err.
+ANALYTIC_MODELS = ("gmm", "gmm_flow")
+
+
+def is_analytic(name: str) -> bool:
+    return name in ANALYTIC_MODELS
+
+
 def load_model(cfg: dict[str, Any], device: str) -> DiffusionModel:
     """Build the model a config names, once per worker."""
     name = cfg["name"]
     dev = pick_device(device)
-    if name == "gmm":
-        from samplebench.models.gmm import GaussianMixtureModel, MixtureSpec
+    if is_analytic(name):
+        from samplebench.models.gmm import FlowMixtureModel, GaussianMixtureModel, MixtureSpec
 
         fields = {k: v for k, v in cfg.items() if k not in ("name", "dtype")}
-        return GaussianMixtureModel(MixtureSpec(**fields), dev, parse_dtype(cfg.get("dtype", "float64")))
+        try:
+            spec = MixtureSpec(**fields)
+        except TypeError as e:
+            raise UsageError(f"model={name}: {e}; see conf/model/{name}.yaml for its keys") from e
+        cls = FlowMixtureModel if name == "gmm_flow" else GaussianMixtureModel
+        return cls(spec, dev, parse_dtype(cfg.get("dtype", "float64")))
     from samplebench.models.diffusers_models import HUB_IDS, DiffusersModel
 
     if name in HUB_IDS or name == "diffusers":

@@ -1,9 +1,17 @@
-"""An exact diffusion model: data from a Gaussian mixture, noised by a diffusers beta schedule.
+"""Exact models: data from a Gaussian mixture, noised by a diffusers beta schedule (`gmm`) or by the
+rectified-flow interpolant x_t = (1 - t) x_0 + t n (`gmm_flow`).
 
 With x_t = a x_0 + s n and y = x_t / a = x_0 + sigma n (sigma = s / a), y given component k is
 N(mu_k, S_k + sigma^2 I). Tweedie's formula gives the exact noise prediction
 eps(y, sigma) = -sigma * grad_y log p_sigma(y), conditional on k or for the whole mixture, so
 classifier-free guidance eps_u + w (eps_c - eps_u) behaves exactly as it does for image models.
+
+`gmm_flow` predicts the exact velocity E[n - x_0 | x_t] of the same mixture, computed in flow
+coordinates from x_t | k ~ N((1 - t) mu_k, (1 - t)^2 S_k + t^2 I) (a formula of its own, not the
+VP model's), and reaches samplers through the same velocity -> D conversion as SD3 and FLUX
+(models.base.flow_denoise). Both models share one EDM denoiser D(x; sigma) = E[x_0 | x_0 + sigma n = x]:
+their ODEs are the same paths under x_t = x / (1 + sigma), t = sigma / (1 + sigma), which
+tests/test_gmm_flow.py checks.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from samplebench.errors import UsageError
-from samplebench.models.base import NoiseSchedule, sigmas_from_alphas_cumprod
+from samplebench.models.base import NoiseSchedule, flow_denoise, flow_schedule, sigmas_from_alphas_cumprod
 from samplebench.seeds import STREAM_CONDITION, generator
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
@@ -37,6 +45,7 @@ class MixtureSpec:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    shift: float = 1.0  # gmm_flow: the static time shift of its flow schedule (SD3: 3.0)
 
 
 class GaussianMixtureModel:
@@ -184,3 +193,48 @@ class GaussianMixtureModel:
 
     def describe_condition(self, cond: torch.Tensor) -> list[str]:
         return [f"component {int(c)}" for c in cond]
+
+
+class FlowMixtureModel(GaussianMixtureModel):
+    """The same mixture as a rectified-flow model (`model=gmm_flow`): predicts the exact velocity."""
+
+    prediction_type = "flow"
+
+    def __init__(self, spec: MixtureSpec, device: torch.device, dtype: torch.dtype = torch.float64):
+        if not spec.shift > 0:
+            raise UsageError(f"model.shift={spec.shift} must be positive (1 is no shift, SD3 uses 3.0)")
+        super().__init__(spec, device, dtype)
+        self.name = "gmm_flow"
+        self.noise_schedule = flow_schedule(spec.num_train_timesteps, spec.shift)
+
+    def scheduler_config(self) -> dict[str, Any]:
+        return dict(num_train_timesteps=self.spec.num_train_timesteps, shift=self.spec.shift)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Exact E[n - x_0 | x_t] at flow time t (one per sample); labels >= 0 select a component."""
+        a = (1 - t)[:, None, None]  # (B, 1, 1)
+        b = t[:, None, None]
+        centred = x_t[:, None, :] - a * self.means[None]  # x_t - (1 - t) mu_k, (B, K, D)
+        z = torch.einsum("kdc,bkd->bkc", self.rotations, centred)
+        var = a**2 * self.eigenvalues[None] + b**2  # eigenvalues of (1 - t)^2 S_k + t^2 I
+        log_n = -0.5 * ((z**2 / var).sum(-1) + var.log().sum(-1) + self.spec.dim * math.log(2 * math.pi))
+        logits = self.weights.log()[None] + log_n
+        resp = torch.softmax(logits, dim=-1)
+        onehot = torch.nn.functional.one_hot(labels.clamp(min=0), self.spec.components).to(resp.dtype)
+        resp = torch.where((labels >= 0)[:, None], onehot, resp)
+        # E[n | x_t, k] = t C^-1 c, E[x_0 | x_t, k] = mu_k + (1 - t) S_k C^-1 c, c = x_t - (1 - t) mu_k
+        noise = b * z / var
+        data_dev = a * self.eigenvalues[None] * z / var
+        v_rot = noise - data_dev  # in each component's eigenbasis, without the mean
+        v = torch.einsum("kdc,bkc->bkd", self.rotations, v_rot) - self.means[None]
+        return (resp[..., None] * v).sum(1)
+
+    def predict(
+        self, x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        s = sigma.to(device=x.device, dtype=torch.float64).expand(x.shape[0])
+        return self.velocity(x.to(torch.float64), s / (1 + s), cond).to(x.dtype)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma) from the exact velocity, through the conversion flow image models use."""
+        return flow_denoise(self, x, sigma, cond)

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 import pandas as pd
 
+from samplebench.models import is_analytic as models_is_analytic
+
 # Columns of metrics.csv, long format: one row per (model, sampler, schedule, nfe, guidance, metric).
 METRICS_COLUMNS: tuple[str, ...] = (
     "model",
@@ -81,7 +83,7 @@ ANALYTIC_TIME_NOTE = (
 
 def is_analytic(model_label: str) -> bool:
     """The analytic Gaussian-mixture model, whose timings measure solver overhead only."""
-    return str(model_label).split("[")[0] == "gmm"
+    return models_is_analytic(str(model_label).split("[")[0])
 
 
 def time_axis_notes(models: Iterable[str]) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from samplebench.models import is_analytic
 from samplebench.store import CellRecord, find_cells, read_shard
 
 TILE_MIN = 128  # tiny test images are upscaled so labels stay readable next to them
@@ -279,7 +280,7 @@ def image_grids(
 
 
 def _is_gmm(cell: CellRecord) -> bool:
-    return str(cell.info.get("config", {}).get("model", {}).get("name", "")) == "gmm"
+    return is_analytic(str(cell.info.get("config", {}).get("model", {}).get("name", "")))
 
 
 def _mixture(model_cfg: dict[str, Any]) -> Any:

@@ -43,6 +43,7 @@ from samplebench.samplers.euler import (
     sample_heun,
     sample_lms,
 )
+from samplebench.samplers.flow import sample_flow_euler, sample_flow_heun
 from samplebench.samplers.ipndm import sample_ipndm
 from samplebench.samplers.momentum import sample_dpmpp_hb, sample_ghvb, sample_hb, validate_beta
 from samplebench.samplers.teleport import BASES, model_check, run_teleport, teleport_rule
@@ -191,6 +192,23 @@ NATIVE = [
         "k-diffusion sample_dpmpp_2m_sde",
     ),
     _n("unipc", "UniPC", "ode", ONE, sample_unipc, "Zhao et al. 2023, arXiv:2302.04867"),
+    _n(
+        "flow_euler",
+        "Euler on flow time",
+        "ode",
+        ONE,
+        sample_flow_euler,
+        "Liu et al. 2023, arXiv:2209.03003; diffusers FlowMatchEulerDiscreteScheduler",
+    ),
+    _n(
+        "flow_heun",
+        "Heun on flow time",
+        "ode",
+        TWO_BUT_LAST,
+        sample_flow_heun,
+        "Esser et al. 2024, arXiv:2403.03206; diffusers FlowMatchHeunDiscreteScheduler",
+        repeats=True,
+    ),
     _n("ipndm", "iPNDM", "ode", ONE, sample_ipndm, "Zhang & Chen 2023, arXiv:2204.13902, iPNDM"),
     _n("deis", "DEIS (rho-AB)", "ode", ONE, sample_deis, "Zhang & Chen 2023, arXiv:2204.13902"),
     _n(

@@ -156,14 +156,27 @@ class CountingDenoiser:
         return out
 
 
+# What `guidance=` means for a model (its attribute `guidance_kind`, default "cfg"):
+#   "cfg"       classifier-free guidance D_u + w (D_c - D_u), the conditional and unconditional
+#               passes batched into one model call (w == 1: one conditional pass);
+#   "embedded"  the scale is an input of the network (FLUX-dev's guidance embedding, LCM's w
+#               embedding): one conditional pass, the condition carrying w (model.with_guidance);
+#   "none"      the model takes no guidance (SD-Turbo, FLUX-schnell, InstaFlow): one conditional pass;
+#               the plan runs its cells at guidance=1 whatever the sweep asks of other models.
+GUIDANCE_KINDS = ("cfg", "embedded", "none")
+
+
 def guided_denoiser(model: Any, cond: Any, guidance: float) -> Denoiser:
-    """The model's D under classifier-free guidance, D_u + w (D_c - D_u), in one batched call (w == 1:
-    one pass). Guiding D is guiding eps: D = x - sigma eps is affine in eps at fixed x and sigma."""
+    """The model's D under its kind of guidance (above). For "cfg", guiding D is guiding eps (or the
+    velocity): D = x - sigma eps is affine in eps at fixed x and sigma."""
+    kind = getattr(model, "guidance_kind", "cfg")
+    if kind == "embedded":
+        cond = model.with_guidance(cond, guidance)
 
     def conditional(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return model.denoise(x, _per_sample(sigma, x), cond)
 
-    if guidance == 1.0:
+    if kind != "cfg" or guidance == 1.0:
         return conditional
     both = model.cat_conditions(model.null_condition(cond), cond)
 

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from samplebench.models import is_analytic
 from samplebench.samplers.base import Denoiser
 from samplebench.samplers.euler import _at, _levels
 
@@ -278,7 +279,7 @@ def model_check_v3(options: dict, model_cfg: dict) -> None:
 
     data = options.get("ems_data")
     name = model_cfg.get("name")
-    if name == "gmm":
+    if is_analytic(str(name)):
         if data:
             raise UsageError("sampler.ems_data is for image models; model=gmm has exact data draws (drop it)")
         return

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from samplebench.errors import UsageError
+from samplebench.models import is_analytic
 from samplebench.samplers.base import Denoiser, NfeRule, SamplerContext
 from samplebench.samplers.reference import encoded_reference, reference_digest, reference_paths
 from samplebench.schedules import Grid
@@ -226,7 +227,7 @@ def model_check(options: dict[str, Any], model_cfg: dict[str, Any]) -> None:
     """At plan time: the analytic model has exact moments and takes no folder; image models need one."""
     _, skip = _check(options)
     moments = options.get("moments")
-    if model_cfg.get("name") == "gmm":
+    if is_analytic(str(model_cfg.get("name"))):
         if moments:
             raise UsageError("sampler.moments is for image models; model=gmm has exact moments (drop it)")
     elif skip and not moments:
