@@ -198,12 +198,13 @@ def _make_cell(cfg: DictConfig) -> Cell:
     kind = c["model"].get("guidance_kind", "cfg")
     if kind not in GUIDANCE_KINDS:
         raise UsageError(f"model.guidance_kind={kind} is unknown; choose one of {', '.join(GUIDANCE_KINDS)}")
-    if kind == "none" and float(c["guidance"]) != 1.0:
+    if kind == "none":
         # A model without guidance runs once, at guidance=1, in a sweep that guides the others.
-        _note_once(
-            f"model={c['model']['name']} takes no guidance (guidance_kind: none): its cells run at "
-            f"guidance=1, not guidance={c['guidance']:g}"
-        )
+        if float(c["guidance"]) != 1.0:
+            _note_once(
+                f"model={c['model']['name']} takes no guidance (guidance_kind: none): its cells run at "
+                f"guidance=1, not guidance={c['guidance']:g}"
+            )
         c["guidance"] = 1.0
     model_default = OmegaConf.to_container(
         OmegaConf.load(conf_dir() / "model" / f"{c['model']['name']}.yaml")
