@@ -424,8 +424,20 @@ def list_(what: str = typer.Argument("samplers", help="samplers, schedules, mode
             )
         out.print(table)
     elif what == "models":
+        from omegaconf import OmegaConf
+
+        from samplebench.config import conf_dir
+        from samplebench.models import is_analytic
+
+        table = Table(title="models (model=NAME; image models also take model.path=<local copy>)")
+        for col in ("name", "source", "guidance"):
+            table.add_column(col)
         for name in group_choices("model"):
-            out.print(name)
+            cfg = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"))
+            source = str(cfg.get("id") or "model.id= or model.path=")
+            source = "exact, analytic" if is_analytic(name) else source
+            table.add_row(name, source, str(cfg.get("guidance_kind") or "cfg"))
+        out.print(table)
     else:
         raise UsageError(f"cannot list '{what}'; choose samplers, schedules, models or metrics")
 

@@ -144,3 +144,13 @@ def test_report_merges_runs(tmp_path):
     assert "| ddim · karras |" in board and "| unipc · karras |" in board
     page = (merged / "report" / "index.html").read_text()
     assert "old" in page and "new" in page
+
+
+def test_list_models_shows_source_and_guidance_kind():
+    r = cli("list", "models")
+    assert r.returncode == 0
+    rows = {
+        c[0]: c for c in ([x.strip() for x in line.split("│")[1:-1]] for line in r.stdout.splitlines()) if c
+    }
+    assert rows["gmm_flow"][1:] == ["exact, analytic", "cfg"]
+    assert rows["sd15"][1] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
