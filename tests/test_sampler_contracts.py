@@ -6,10 +6,11 @@ Separate from test_samplers.py so pytest-xdist runs the two files side by side.
 import numpy as np
 import pytest
 import torch
-from test_samplers import GRID_SCHEDULES, options, run, schedule_cfg, takes
+from test_samplers import GRID_SCHEDULES, VP_SAMPLERS, options, run, schedule_cfg, takes
 
 from samplebench.errors import UsageError
 from samplebench.samplers import SAMPLERS
+from samplebench.schedules import make_grid
 
 
 def _order_variants(name):
@@ -34,7 +35,7 @@ def contract_options(name):
     return {**options(name), **CONTRACT_OPTIONS.get(name, {})}
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", VP_SAMPLERS)
 def test_registry_contracts_on_every_schedule(gmm, name):
     """For NFE 3..30 on every schedule the sampler takes: the first call is at the grid's first level
     from x_T sqrt(1 + sigma_0^2); no two calls sit at one level unless the algorithm says it needs
@@ -94,3 +95,98 @@ def test_registry_contracts_on_every_schedule(gmm, name):
                 continue
             out, _ = run(gmm, name, spec.rule(opt, {"name": "karras"}).nfe(steps), idx, opts=opt)
             assert torch.isfinite(out).all(), f"{name} {opt} nfe={nfe}"
+
+
+# -- flow-matching models (issue 14) ---------------------------------------------------------------
+FLOW_SCHEDULES = {
+    "flow": {"name": "flow"},  # SD3's spacing from t = 1 (FlowMatch schedulers' own)
+    "flow[start=train,end=1/N]": {"name": "flow", "start": "train", "end": "1/N"},  # use_flow_sigmas
+    "flow[end=1/N]": {"name": "flow", "end": "1/N"},  # FLUX's spacing
+}
+# The diffusers entries that take a flow model, and the native samplers the flow study runs.
+FLOW_SAMPLERS = sorted(
+    [n for n in SAMPLERS if n.startswith("diffusers:") and SAMPLERS[n].run.keywords["models"] != "vp"]
+    + ["flow_euler", "flow_heun", "euler", "heun", "dpmpp", "unipc"]
+)
+# diffusers schedulers without a list of times run only their own spacing on a flow model.
+OWN_SPACING = {
+    "diffusers:flow_heun": "flow",
+    "diffusers:dpmpp": "flow[start=train,end=1/N]",
+    "diffusers:dpmpp_3m": "flow[start=train,end=1/N]",
+}
+
+
+@pytest.fixture(scope="module")
+def gmm_flow():
+    from samplebench.models.gmm import FlowMixtureModel, MixtureSpec
+
+    return FlowMixtureModel(MixtureSpec(shift=3.0), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", FLOW_SAMPLERS)
+def test_registry_contracts_on_a_flow_model(gmm_flow, name):
+    """gmm_flow, NFE 3..30 on each flow spacing: counted NFE equals the request; the first call is at the
+    scheduler's own first flow time (the grid's to 2e-6 in t: float32 rounding of the times and
+    UniPC's own t = 1 - 1e-6 guard), from x_t = x_T (x = x_T (1 + sigma)); no level twice unless the
+    algorithm says so; finite samples. A scheduler asked for a spacing it cannot run says so."""
+    spec = SAMPLERS[name]
+    idx = [0, 1, 2]
+    for label, schedule in FLOW_SCHEDULES.items():
+        if name in OWN_SPACING and OWN_SPACING[name] != label:
+            with pytest.raises(UsageError, match="only on its own spacing"):
+                run(gmm_flow, name, 9, idx, schedule=schedule, opts=options(name), allow_lower=True)
+            continue
+        for nfe in CONTRACT_NFE:
+            try:
+                spec.rule(options(name), schedule).steps(nfe, name, allow_lower=False)
+            except UsageError:
+                continue
+            out, calls, counter, grid, x0 = run(
+                gmm_flow, name, nfe, idx, schedule=schedule, record=True, opts=options(name)
+            )
+            assert calls == nfe, f"{name} {label}: asked for {nfe}, counted {calls}"
+            first_x, first_sigma = counter.visits[0]
+            s0 = float(first_sigma.reshape(-1)[0])
+            g0 = float(grid.sigmas[0])
+            assert s0 / (1 + s0) == pytest.approx(g0 / (1 + g0), abs=2e-6), (name, label, nfe)
+            x_T = x0 / (1 + g0)
+            torch.testing.assert_close(first_x, x_T * (1 + s0), rtol=1e-9, atol=0)
+            levels = [float(s.reshape(-1)[0]) for _, s in counter.visits]
+            if not spec.repeats_levels:
+                assert len(set(np.round(levels, 9))) == len(levels), (name, label, nfe, levels)
+            assert torch.isfinite(out).all(), (name, label, nfe)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SAMPLERS if n.startswith("diffusers:")))
+def test_diffusers_schedulers_refuse_the_other_model_kind(gmm, gmm_flow, name):
+    """A VP-only diffusers scheduler on a flow model, or a FlowMatch scheduler on a VP model: a one-line
+    UsageError when the sweep is planned (model_check) and, for a model the config cannot tell, when
+    the sampler runs."""
+    models = SAMPLERS[name].run.keywords["models"]
+    check = SAMPLERS[name].model_check
+    for model, cfg, wrong in (
+        (gmm, {"name": "gmm"}, models == "flow"),
+        (gmm_flow, {"name": "gmm_flow"}, models == "vp"),
+    ):
+        if not wrong:
+            check(options(name), cfg)
+            continue
+        with pytest.raises(UsageError, match="models only") as e:
+            check(options(name), cfg)
+        assert "\n" not in str(e.value)
+        # generate time (a model the config cannot tell): the sampler itself refuses, whatever the grid
+        grid = make_grid({"name": "flow"}, model.noise_schedule, 5)
+        x = model.noise_schedule.initial_state(torch.zeros(1, 16, dtype=torch.float64), float(grid.sigmas[0]))
+        with pytest.raises(UsageError, match="models only"):
+            SAMPLERS[name].run(lambda y, s: y, x, grid, options(name), None)
+
+
+def test_a_plan_refuses_the_wrong_model_kind_in_one_line(tmp_path):
+    from cli_run import cli_here
+
+    where = f"results_dir={tmp_path}"
+    r = cli_here("sweep", "model=gmm", "sampler=diffusers:flow_euler", "nfe=5", where)
+    assert r.returncode == 2 and "flow-matching models only" in r.stderr, r.stderr
+    r = cli_here("sweep", "model=gmm_flow", "schedule=flow", "sampler=diffusers:euler", "nfe=5", where)
+    assert r.returncode == 2 and "discrete diffusion (VP) models only" in r.stderr, r.stderr
+    assert not list(tmp_path.rglob("*.npz"))  # refused before anything was generated

@@ -93,10 +93,12 @@ def _cache_key(
     indices: np.ndarray,
     rtol: float,
     sigma_start: float | None = None,
+    sigma_floor: float | None = None,
 ) -> str:
     ident = {
         "model": model_cfg,
         **({} if sigma_start is None else {"sigma_start": float(sigma_start)}),
+        **({} if sigma_floor is None else {"sigma_floor": float(sigma_floor)}),
         "seed": seed,
         "guidance": guidance,
         "rtol": rtol,
@@ -115,16 +117,26 @@ def reference_solution(
     cache_dir: Path,
     rtol: float,
     sigma_start: float | None = None,
+    sigma_floor: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ODE endpoints for these samples (from the cell's first level) and the floor points;
+    """Exact ODE endpoints for these samples (from the cell's first level) and the floor points (for a
+    flow model, at the cell's last positive level sigma_floor: reference.solve_flow_with_floor);
     computed once, cached with a checksum (a damaged or altered cache file is named and recomputed)."""
-    path = cache_dir / f"{_cache_key(model, model_cfg, seed, guidance, indices, rtol, sigma_start)}.npz"
+    key = _cache_key(model, model_cfg, seed, guidance, indices, rtol, sigma_start, sigma_floor)
+    path = cache_dir / f"{key}.npz"
     found = cache.load(path, ("reference", "floor"))
     if found is not None:
         return found["reference"], found["floor"]
     x_T = initial_noise(seed, indices.tolist(), model.sample_shape, torch.float64, model.device)
     ref, floor = solve_with_floor(
-        model, x_T, torch.as_tensor(labels), guidance, rtol=rtol, atol=rtol, sigma_start=sigma_start
+        model,
+        x_T,
+        torch.as_tensor(labels),
+        guidance,
+        rtol=rtol,
+        atol=rtol,
+        sigma_start=sigma_start,
+        sigma_floor=sigma_floor,
     )
     cache.save(path, reference=ref.numpy(), floor=floor.numpy())
     return ref.numpy(), floor.numpy()

@@ -209,6 +209,10 @@ def _traj_err_rows(
     start = (cell.info.get("sigmas") or [None])[0]
     if start is not None and abs(start / model.noise_schedule.sigma_max - 1) < 1e-9:
         start = None
+    flow = model.noise_schedule.is_flow
+    # A flow grid ends at t = 0 after its last positive level: the floor is set there (reference.py).
+    positive = [s for s in (cell.info.get("sigmas") or []) if s > 0]
+    floor_level = float(positive[-1]) if flow and positive else None
     for _, _, path in cell.shards():
         shard = store.read_shard(path, ("samples", "indices", "labels", "finite"))
         keep = shard["finite"] & (shard["indices"] < n)  # the samples fd_exact and n_images cover
@@ -223,6 +227,7 @@ def _traj_err_rows(
             cache_dir,
             rtol,
             start,
+            floor_level,
         )
         errs.append(analytic.per_sample_traj_err(shard["samples"][keep], ref[keep]))
         floors.append(analytic.per_sample_traj_err(floor[keep], ref[keep]))
@@ -234,13 +239,28 @@ def _traj_err_rows(
     out.per_image["traj_err"] = per
     out.indices = np.concatenate(kept)
     floor = float(np.concatenate(floors).mean())
-    floors_out[f"{cell.info['model_label']} guidance={float(info['guidance']):g}"] = floor
+    if flow:
+        t_f = floor_level / (1 + floor_level) if floor_level is not None else float("nan")
+        floors_out[f"{cell.info['model_label']} t_last={t_f:.4g} guidance={float(info['guidance']):g}"] = (
+            floor
+        )
+        ode = "flow ODE dx_t/dt = v_u + w (v_c - v_u) in flow time"
+        floor_text = (
+            f"{floor:.3e} (exact solve to the grid's last positive flow time t={t_f:.4g}, then the exact "
+            "denoiser's jump to t = 0, the last step every flow sampler takes: samplers on grids that "
+            "keep that level converge to this point)"
+        )
+    else:
+        floors_out[f"{cell.info['model_label']} guidance={float(info['guidance']):g}"] = floor
+        ode = "probability-flow ODE"
+        floor_text = (
+            f"{floor:.3e} (exact solve to sigma(t=0), then the exact denoiser's jump to 0: "
+            "every sampler on this discrete schedule converges to that point)"
+        )
     out.protocols["traj_err"] = {
-        "definition": "mean over samples of the per-sample RMS distance to the exact probability-flow "
-        "ODE "
+        "definition": f"mean over samples of the per-sample RMS distance to the exact {ode} "
         f"solution (scipy DOP853, rtol=atol={rtol}) from the same x_T and condition",
-        "schedule_floor": f"{floor:.3e} (exact solve to sigma(t=0), then the exact denoiser's jump to 0: "
-        "every sampler on this discrete schedule converges to that point)",
+        "schedule_floor": floor_text,
         "interval": f"percentile bootstrap over samples, {reps} resamples",
     }
 
@@ -499,7 +519,7 @@ def compute_metrics(
     }
     store.write_json(sidecar_path, protocol)
     for key, value in floors.items():
-        console.print(f"traj_err floor of the discrete schedule ({key}): {value:.2e}")
+        console.print(f"traj_err floor of the schedule's last level ({key}): {value:.2e}")
     if ctx.recomputed:
         console.print(f"{ctx.recomputed} feature or reference blocks computed (the rest came from the cache)")
     if nonfinite:

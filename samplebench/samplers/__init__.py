@@ -26,7 +26,7 @@ from samplebench.samplers.deis import (
     sample_deis_rhork,
     sample_deis_tab,
 )
-from samplebench.samplers.diffusers_loop import diffusers_nfe_rule, run_scheduler
+from samplebench.samplers.diffusers_loop import FLOW_ONLY, diffusers_nfe_rule, kind_check, run_scheduler
 from samplebench.samplers.dpm_solver import (
     sample_dpm_multistep,
     sample_dpm_singlestep,
@@ -301,12 +301,21 @@ def _d(
     subschedule: bool = False,
     step_options: tuple[str, ...] = (),
     repeats: bool = False,
+    models: str = "vp",
     **fixed: Any,
 ) -> SamplerSpec:
+    """A diffusers entry; models: "vp", "flow" (FlowMatch schedulers) or "both" (DPM-Solver++ and UniPC,
+    which run flow models with use_flow_sigmas: diffusers_loop.build_flow)."""
     run = partial(
-        run_scheduler, class_name=class_name, fixed=fixed, step_options=step_options, subschedule=subschedule
+        run_scheduler,
+        class_name=class_name,
+        fixed=fixed,
+        step_options=step_options,
+        subschedule=subschedule,
+        name=f"diffusers:{name}",
+        models=models,
     )
-    rule = diffusers_nfe_rule(class_name, per_step, offset, subschedule, fixed, step_options)
+    rule = diffusers_nfe_rule(class_name, per_step, offset, subschedule, fixed, step_options, models)
     return SamplerSpec(
         f"diffusers:{name}",
         f"{title} (diffusers {class_name})",
@@ -318,6 +327,7 @@ def _d(
         grids=_grids(class_name, subschedule),
         repeats_levels=repeats,
         step_options=step_options,
+        model_check=kind_check(f"diffusers:{name}", models),  # flow-only / VP-only schedulers
     )
 
 
@@ -327,6 +337,8 @@ def _grids(class_name: str, subschedule: bool) -> str:
 
     import diffusers
 
+    if class_name in FLOW_ONLY:  # flow models only (diffusers_loop.build_flow)
+        return "any (flow times)" if class_name == "FlowMatchEulerDiscreteScheduler" else "flow (start=1)"
     cls = getattr(diffusers, class_name)
     init = set(inspect.signature(cls.__init__).parameters)
     setter = set(inspect.signature(cls.set_timesteps).parameters)
@@ -397,6 +409,7 @@ DIFFUSERS = [
         "Lu et al. 2022",
         algorithm_type="dpmsolver++",
         solver_order=2,
+        models="both",
     ),
     _d(
         "dpmpp_3m",
@@ -406,6 +419,7 @@ DIFFUSERS = [
         "Lu et al. 2022",
         algorithm_type="dpmsolver++",
         solver_order=3,
+        models="both",
     ),
     _d(
         "dpmpp_2s",
@@ -423,7 +437,27 @@ DIFFUSERS = [
         "Lu et al. 2022",
         algorithm_type="sde-dpmsolver++",
     ),
-    _d("unipc", "UniPC", "ode", "UniPCMultistepScheduler", "Zhao et al. 2023"),
+    _d("unipc", "UniPC", "ode", "UniPCMultistepScheduler", "Zhao et al. 2023", models="both"),
+    # Flow-matching models only (a flow model also runs the models="both" entries above).
+    _d(
+        "flow_euler",
+        "Euler on flow time",
+        "ode",
+        "FlowMatchEulerDiscreteScheduler",
+        "Esser et al. 2024, arXiv:2403.03206 (SD3)",
+        models="flow",
+    ),
+    _d(
+        "flow_heun",
+        "Heun on flow time",
+        "ode",
+        "FlowMatchHeunDiscreteScheduler",
+        "Esser et al. 2024, arXiv:2403.03206",
+        per_step=2,
+        offset=-1,
+        repeats=True,
+        models="flow",
+    ),
 ]
 
 # Samplers that hand over to another registered sampler (after the registry above exists).

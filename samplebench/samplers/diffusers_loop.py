@@ -198,10 +198,27 @@ def run_scheduler(
     fixed: dict[str, Any],
     step_options: tuple[str, ...] = (),
     subschedule: bool = False,
+    name: str = "",
+    models: str = "vp",
 ) -> torch.Tensor:
     """Sample with a diffusers scheduler. `x` is the start at grid.sigmas[0] on x = x_0 + sigma n;
     the scheduler's own first level decides where it really starts (it may differ by float32
-    round-off, or by diffusers' own spacing when a spacing flag is used)."""
+    round-off, or by diffusers' own spacing when a spacing flag is used). A flow model goes to
+    run_flow_scheduler (a scheduler made for the other kind of model is a one-line error)."""
+    refusal = kind_refusal(name or class_name, models, grid.noise.is_flow)
+    if refusal:
+        raise UsageError(refusal)
+    if grid.noise.is_flow:
+        return run_flow_scheduler(
+            denoise,
+            x,
+            grid,
+            options,
+            generators,
+            class_name=class_name,
+            fixed=fixed,
+            step_options=step_options,
+        )
     ctor = {k: v for k, v in options.items() if k not in step_options}
     step_kwargs = {k: v for k, v in options.items() if k in step_options}
     scheduler, mapper = build(class_name, grid, ctor, fixed, subschedule)
@@ -242,12 +259,15 @@ def diffusers_nfe_rule(
     subschedule: bool,
     fixed: dict[str, Any],
     step_options: tuple[str, ...],
+    models: str = "vp",
 ):
     """The NFE rule of a diffusers entry: `per_step * N + offset`, plus one when the scheduler stops
-    at a positive level and the adapter denoises to 0 (probed on a 10-step build)."""
+    at a positive level and the adapter denoises to 0 (probed on a 10-step build). On a flow model
+    every scheduler ends at t = 0 (build_flow: final_sigmas_type zero), so schedule=flow, the flow
+    models' schedule, costs no extra evaluation for the entries that run flow models."""
 
     def rule(options: dict[str, Any], schedule: dict[str, Any]) -> NfeRule:
-        if subschedule:
+        if subschedule or models == "flow" or (models == "both" and schedule.get("name") == "flow"):
             return NfeRule(per_step, offset)
         from samplebench.schedules import make_grid
 
@@ -269,3 +289,177 @@ def _probe_sigmas() -> torch.Tensor:
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     abar = torch.cumprod(1 - betas, 0)
     return ((1 - abar) / abar).sqrt()
+
+
+# -- flow-matching models ---------------------------------------------------------------------------
+# The FlowMatch schedulers run flow models only; the registry marks the entries that run both kinds
+# (DPM-Solver++ and UniPC, with use_flow_sigmas and flow_prediction: SamplerSpec `models`).
+FLOW_ONLY = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def model_is_flow(model_cfg: dict[str, Any]) -> bool | None:
+    """Whether a model config names a rectified-flow model, read without loading it: gmm_flow, or a
+    pipeline folder / cached hub id whose model_index.json names a FlowMatch scheduler; None when
+    that cannot be told before the model is loaded (the sampler checks again at generate time)."""
+    import json
+    from pathlib import Path
+
+    name = str(model_cfg.get("name"))
+    if name in ("gmm", "gmm_flow"):
+        return name == "gmm_flow"
+    index = None
+    if model_cfg.get("path"):
+        index = Path(str(model_cfg["path"])).expanduser() / "model_index.json"
+    elif model_cfg.get("id"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(model_cfg["id"]), "model_index.json")
+            index = Path(found) if isinstance(found, str) else None
+        except ImportError:
+            index = None
+    if index is None or not index.is_file():
+        return None
+    try:
+        scheduler = json.loads(index.read_text()).get("scheduler") or [None, None]
+    except ValueError:
+        return None
+    return "FlowMatch" in str(scheduler[-1])
+
+
+def kind_refusal(name: str, models: str, flow: bool) -> str | None:
+    """The one-line refusal for a scheduler entry asked to run the other kind of model, or None.
+    models: "vp" (discrete diffusion models only), "flow" (flow-matching models only) or "both"."""
+    if flow and models == "vp":
+        return (
+            f"sampler={name} runs discrete diffusion (VP) models only, not a flow-matching model; use "
+            "diffusers:flow_euler, diffusers:flow_heun, diffusers:dpmpp, diffusers:unipc or a native sampler"
+        )
+    if not flow and models == "flow":
+        return (
+            f"sampler={name} runs flow-matching models only, not a discrete diffusion (VP) model; use "
+            "diffusers:euler / diffusers:heun or a native sampler"
+        )
+    return None
+
+
+def kind_check(name: str, models: str) -> Any:
+    """SamplerSpec.model_check: refuse the wrong model kind at plan time when the config tells it."""
+
+    def check(options: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+        flow = model_is_flow(model_cfg)
+        line = None if flow is None else kind_refusal(name, models, flow)
+        if line:
+            raise UsageError(line)
+
+    return check
+
+
+def _flow_shift(grid: Grid) -> float:
+    """The static shift the grid's flow times were made with (schedule=flow: its shift, else the model's;
+    a dynamic shift mu is the static shift e^mu: e^mu / (e^mu + 1/t - 1) = s t / (1 + (s - 1) t))."""
+    sched, noise = grid.schedule, grid.noise
+    if sched.get("shift") is not None:
+        return float(sched["shift"])
+    mu = sched.get("mu") if sched.get("mu") is not None else noise.mu
+    return float(np.exp(float(mu))) if mu is not None else float(noise.shift)
+
+
+def flow_times(grid: Grid) -> np.ndarray:
+    """The grid's positive levels as flow times t = sigma / (1 + sigma) (FLOW_T1_SIGMA -> 1 - 1e-8)."""
+    s = grid.sigmas.double().numpy()
+    s = s[s > 0]
+    return s / (1 + s)
+
+
+def build_flow(class_name: str, grid: Grid, options: dict[str, Any], fixed: dict[str, Any]) -> Any:
+    """A diffusers scheduler set up to run grid's flow times on a flow model.
+
+    FlowMatchEulerDiscreteScheduler and UniPCMultistepScheduler take the times as
+    set_timesteps(sigmas=t), built with shift 1 so the (already shifted) times are not shifted again
+    (UniPC moves a first t = 1 to 1 - 1e-6, its own guard against log(0)). FlowMatchHeunDiscreteScheduler
+    and DPMSolverMultistepScheduler take no list of times: they run their own spacing (Heun:
+    schedule=flow's default, linspace(1, shift(1/T)) shifted; DPM-Solver: use_flow_sigmas,
+    schedule=flow start=train end=1/N), built with the grid's shift, and the grid must be that spacing
+    (to float32 rounding) or it is a one-line error."""
+    import warnings
+
+    import diffusers.utils.logging as dlog
+
+    dlog.set_verbosity_error()
+    T = grid.noise.num_train_timesteps
+    t = flow_times(grid)
+    shift = _flow_shift(grid)
+    base = {"num_train_timesteps": T, **options, **fixed}
+    solver = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "final_sigmas_type": "zero"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        cls = getattr(diffusers, class_name)
+        if class_name == "FlowMatchEulerDiscreteScheduler":
+            scheduler = cls(**{**base, "shift": 1.0})
+            scheduler.set_timesteps(sigmas=t.tolist())
+        elif class_name == "UniPCMultistepScheduler":
+            scheduler = cls(**{**base, **solver, "flow_shift": 1.0})
+            scheduler.set_timesteps(sigmas=t.copy())  # an array: it shifts (and edits) it in place
+        elif class_name == "FlowMatchHeunDiscreteScheduler":
+            scheduler = cls(**{**base, "shift": shift})
+            scheduler.set_timesteps(grid.steps)
+            _require_own_spacing(class_name, scheduler.sigmas[:-1:2], t, "schedule=flow (start=1, end=train)")
+        else:  # DPMSolverMultistepScheduler
+            scheduler = cls(**{**base, **solver, "flow_shift": shift})
+            scheduler.set_timesteps(grid.steps)
+            _require_own_spacing(
+                class_name, scheduler.sigmas[:-1], t, "schedule=flow schedule.start=train schedule.end=1/N"
+            )
+    return scheduler
+
+
+def _require_own_spacing(class_name: str, own: torch.Tensor, t: np.ndarray, fits: str) -> None:
+    """The scheduler's own flow times must be the grid's, to float32 rounding (relative 2^-23 each,
+    2e-6 leaves room for the shift's few float64 operations on float32 inputs)."""
+    own = own.double().numpy()
+    if len(own) != len(t) or not np.allclose(own, t, rtol=2e-6, atol=0):
+        raise UsageError(
+            f"diffusers' {class_name} runs a flow model only on its own spacing, {fits}, with the "
+            "model's shift; use that schedule, or diffusers:flow_euler / diffusers:unipc / a native sampler"
+        )
+
+
+def run_flow_scheduler(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    grid: Grid,
+    options: dict[str, Any],
+    generators: list[torch.Generator] | None,
+    *,
+    class_name: str,
+    fixed: dict[str, Any],
+    step_options: tuple[str, ...] = (),
+) -> torch.Tensor:
+    """Sample a flow model with a diffusers scheduler: the scheduler's sample is the rectified-flow state
+    x_t, and the model output it is handed is the velocity v = (x_t - D) / t of our denoiser D at
+    x = x_t (1 + sigma), sigma = t / (1 - t), t the scheduler's own level for that call (float32; t = 1
+    is FLOW_T1_SIGMA). The start is x_t = x_T (x / (1 + sigma_0)) whatever the scheduler's first t.
+    Every flow scheduler here ends at t = 0, its last update landing on x_0 (no extra evaluation)."""
+    from samplebench.models.base import FLOW_T1_SIGMA
+
+    ctor = {k: v for k, v in options.items() if k not in step_options}
+    step_kwargs = {k: v for k, v in options.items() if k in step_options}
+    scheduler = build_flow(class_name, grid, ctor, fixed)
+    scheduler.set_begin_index(0)
+    if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
+        step_kwargs["generator"] = generators
+    state = x / (1.0 + float(grid.sigmas[0]))  # x_T
+    for t in list(scheduler.timesteps):
+        i = scheduler.step_index if scheduler.step_index is not None else 0
+        level = float(scheduler.sigmas[i])
+        sigma = FLOW_T1_SIGMA if level >= 1.0 else level / (1.0 - level)
+        t_model = sigma / (1.0 + sigma)
+        d = denoise(state * (1.0 + sigma), torch.tensor(sigma, dtype=torch.float64))
+        v = (state - d) / t_model
+        state = scheduler.step(v, t, state, **step_kwargs).prev_sample
+    last = float(scheduler.sigmas[-1])
+    if last > 0:  # not reached by the schedulers above (final sigma 0); kept for a scheduler that stops early
+        sigma = last / (1.0 - last)
+        return denoise(state * (1.0 + sigma), torch.tensor(sigma, dtype=torch.float64))
+    return state
