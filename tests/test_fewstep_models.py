@@ -116,8 +116,10 @@ def test_lcm_sampler_on_lcm_model_equals_lcmscheduler_driven_by_hand(lcm_model, 
     # float32 on both sides: the VP input x_T (1 + s^2)^(1/2) / (1 + s^2)^(1/2) is x_T to 1 ulp, the
     # boundary coefficients are computed in float64 here and float32 there (c_out = 1 - O(1e-9)), and
     # the random UNet's output moves by a few ulps (6e-8 relative) per input ulp through ~20 layers:
-    # 1e-5 of the sample's scale bounds 4 steps of that with margin; a wrong w (embedding of g instead of
-    # g - 1) or a missing c_skip moves the result by 1e-2 or more (checked below).
+    # 1e-5 of the sample's scale bounds 4 steps of that with margin (4e-7 measured); a wrong w (the
+    # embedding of g instead of g - 1) moves the result by 0.2 of its scale (checked below). At these
+    # timesteps (>= 259) c_skip < 1e-6: the boundary condition is pinned where it matters, near t = 0,
+    # by test_lcm_denoiser_is_the_consistency_function_at_small_timesteps.
     scale = float(denoised.abs().max())
     torch.testing.assert_close(out, denoised, rtol=0, atol=1e-5 * scale)
     assert (out - denoised).abs().max() < 1e-3 * float((out - latents).abs().max() + scale)
@@ -127,6 +129,35 @@ def test_lcm_sampler_on_lcm_model_equals_lcmscheduler_driven_by_hand(lcm_model, 
     with torch.no_grad():
         off = spec.run(wrong, x, grid, {}, sampler_generators(SEED, idx))
     assert float((off - denoised).abs().max()) > 1e-3 * scale
+
+
+@pytest.mark.parametrize("t", [0, 1, 3, 10, 50])
+def test_lcm_denoiser_is_the_consistency_function_at_small_timesteps(lcm_model, t):
+    """Reference: one LCMScheduler.step at custom timestep t (its last step returns `denoised` =
+    c_skip(t) x_t + c_out(t) x0 with c_skip = 0.25 / ((10 t)^2 + 0.25)) on the raw UNet's eps: the
+    model's D at the level of t is that. At t = 0, c_skip = 1 and D = x_t; at t = 1, c_skip = 2.5e-3; the
+    plain x0 denoiser (boundary condition dropped) differs there by far more than the tolerance."""
+    m, idx = lcm_model, list(range(N_IMAGES))
+    x_t = initial_noise(SEED, idx, m.sample_shape, torch.float32, m.device)
+    cond = m.encode([BUILTIN_PROMPTS[i] for i in idx])
+    cond_w = m.with_guidance(cond, 3.0)
+    sched = diffusers.LCMScheduler.from_config(m.pipe.scheduler.config)
+    sched.set_timesteps(timesteps=[t])
+    with torch.no_grad():
+        eps = m.net(
+            x_t, torch.tensor(t), timestep_cond=cond_w.timestep_cond, encoder_hidden_states=cond.embeds
+        )
+        _, denoised = sched.step(eps.sample, torch.tensor(t), x_t, return_dict=False)
+        sigma = m.noise_schedule.train_sigmas[t]
+        x = x_t * (1 + sigma**2) ** 0.5  # EDM's x at that level for the VP input x_t
+        d = m.denoise(x.float(), sigma.reshape(1).expand(N_IMAGES), cond_w)
+    scale = float(denoised.abs().max())
+    # float32 both sides: x_t -> x -> x_t is 1 ulp, then the network (a few ulps through ~20 layers) and
+    # x0 = (x_t - s eps) / a, a >= 0.9991: 1e-5 of the scale, as above
+    torch.testing.assert_close(d, denoised, rtol=0, atol=1e-5 * scale)
+    if t <= 3:
+        plain = (x_t - (1 - sched.alphas_cumprod[t]).sqrt() * eps.sample) / sched.alphas_cumprod[t].sqrt()
+        assert float((plain - denoised).abs().max()) > 1e-4 * scale  # 10x the tolerance
 
 
 def test_tcd_sampler_equals_tcdscheduler_driven_by_hand(pipelines, monkeypatch):
@@ -215,6 +246,8 @@ def test_lcm_sweep_through_the_cli_equals_the_pipelines_own_output(tmp_path, pip
         f"num_images={N_IMAGES}",
         f"results_dir={tmp_path}",
         "run=lcm",
+        "timing.repeats=1",
+        "timing.warmup=false",
         env=env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -224,7 +257,7 @@ def test_lcm_sweep_through_the_cli_equals_the_pipelines_own_output(tmp_path, pip
     pipe.set_progress_bar_config(disable=True)
     idx = list(range(N_IMAGES))
     x_T = initial_noise(SEED, idx, (4, 8, 8), torch.float32, torch.device("cpu"))
-    for (model, sampler, nfe, guidance), c in cells.items():
+    for (model, _sampler, nfe, guidance), c in cells.items():
         assert (model, guidance) == ("lcm", 3.0)
         assert (c["nfe"] == nfe).all()
         prompts = [BUILTIN_PROMPTS[int(p.split(":")[1])] for p in c["prompt_ids"]]
@@ -248,7 +281,7 @@ def test_lcm_sweep_through_the_cli_equals_the_pipelines_own_output(tmp_path, pip
 def test_mixed_sweep_gives_one_leaderboard_and_one_pareto_plot_with_every_model(
     tmp_path, pipelines, monkeypatch
 ):
-    """model=sd15,lcm,sd_turbo with a folder each (paths=), sampler=dpmpp,lcm, nfe=1,2,4, guidance=3:
+    """model=sd15,lcm,sd_turbo with a folder each (paths=), sampler=dpmpp,lcm, nfe=1,4, guidance=3:
     sd15 is guided by CFG at 3 (one counted evaluation per step), lcm by its w embedding, sd_turbo
     (guidance_kind none) runs at guidance 1. One leaderboard.md/.csv and one Pareto plot per metric
     hold every model's cells, each with counted NFE = the request."""
@@ -269,11 +302,13 @@ def test_mixed_sweep_gives_one_leaderboard_and_one_pareto_plot_with_every_model(
         "model=sd15,lcm,sd_turbo",
         f"paths={{sd15:{pipelines['sd15']},lcm:{pipelines['lcm']},sd_turbo:{pipelines['sd15']}}}",
         "sampler=dpmpp,lcm",
-        "nfe=1,2,4",
+        "nfe=1,4",
         "guidance=3",
         f"num_images={N_IMAGES}",
         f"results_dir={tmp_path}",
         "run=mixed",
+        "timing.repeats=1",
+        "timing.warmup=false",
         "metrics.names=[clip_score]",
         "metrics.bootstrap=50",
         f"metrics.clip.model={tiny_models.TINY_CLIP}",
@@ -289,7 +324,7 @@ def test_mixed_sweep_gives_one_leaderboard_and_one_pareto_plot_with_every_model(
         (m, s, n, g)
         for m, g in (("sd15", 3.0), ("lcm", 3.0), ("sd_turbo", 1.0))
         for s in ("dpmpp · karras", "lcm · karras")
-        for n in (1, 2, 4)
+        for n in (1, 4)
     }
     assert set(cells) == expected
     for (_, _, nfe, _), c in cells.items():
