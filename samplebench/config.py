@@ -149,6 +149,9 @@ def _check_nested(key: str, cfg: DictConfig) -> None:
 
 def plan(overrides: list[str]) -> list[Cell]:
     """Expand command-line overrides (and the default sweep) into cells."""
+    # paths= and paths.<model>= add keys to the empty `paths` map: Hydra's force-add (++) without the user
+    # having to know it
+    overrides = ["++" + o if re.match(r"^paths[.=]", o) else o for o in overrides]
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as e:
@@ -194,6 +197,7 @@ def plan(overrides: list[str]) -> list[Cell]:
 
 def _make_cell(cfg: DictConfig) -> Cell:
     c = OmegaConf.to_container(cfg, resolve=True)
+    _model_path(c)
     validate(c)
     kind = c["model"].get("guidance_kind", "cfg")
     if kind not in GUIDANCE_KINDS:
@@ -225,6 +229,23 @@ def _make_cell(cfg: DictConfig) -> Cell:
         config=c,
         schedule_label=_schedule_label(c["schedule"], schedule_default),
     )
+
+
+def _model_path(c: dict[str, Any]) -> None:
+    """paths={sd15:/a,lcm:/b}: the cell's model gets model.path from its entry (over a model.path= given
+    to every model of the sweep), so one sweep can point two models at two local folders."""
+    paths = c.get("paths") or {}
+    if not isinstance(paths, dict):
+        raise UsageError(f"paths={paths} must map model names to folders, e.g. paths={{sd15:/a,lcm:/b}}")
+    unknown = sorted(str(k) for k in paths if str(k) not in group_choices("model"))
+    if unknown:
+        raise UsageError(
+            f"paths.{unknown[0]} names no model{_suggest(unknown[0], group_choices('model'))}; "
+            f"choose among {', '.join(group_choices('model'))}"
+        )
+    name = c["model"]["name"]
+    if paths.get(name) is not None:
+        c["model"]["path"] = str(paths[name])
 
 
 _NOTED: set[str] = set()

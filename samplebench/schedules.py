@@ -147,6 +147,26 @@ def _diffusers_spacing(kind: str) -> Callable[[NoiseSchedule, int, dict[str, Any
     return levels
 
 
+def _lcm(noise: NoiseSchedule, n: int, opts: dict[str, Any]) -> torch.Tensor:
+    """LCM's skipping-step grid (Luo et al. 2023, arXiv:2310.04378; diffusers LCMScheduler.set_timesteps,
+    which TCDScheduler.set_timesteps repeats): the distillation timesteps t_j = j k - 1, j = 1 .. K, with
+    K = schedule.original_steps (50) and k = T // K, then N of them taken at floor(linspace(0, K, N,
+    endpoint=False)) from the top (999, 759, 499, 259 for N = 4). TCDScheduler's default is the same
+    grid; given original_inference_steps it takes all T timesteps instead: original_steps = T."""
+    T = noise.num_train_timesteps
+    K = int(opts.get("original_steps") or 50)
+    if not 1 <= K <= T:
+        raise UsageError(f"schedule.original_steps={K} must be between 1 and {T} (LCM distils on 50)")
+    if n > K:
+        raise UsageError(
+            f"schedule=lcm takes at most schedule.original_steps={K} steps, not {n}; lower nfe or raise "
+            "schedule.original_steps"
+        )
+    origin = (np.arange(1, K + 1) * (T // K) - 1)[::-1]
+    t = origin[np.floor(np.linspace(0, K, num=n, endpoint=False)).astype(np.int64)]
+    return noise.train_sigmas[torch.as_tensor(t.copy())].double()
+
+
 def loglinear_interp(levels: np.ndarray, n: int) -> np.ndarray:
     """The AYS paper's interpolation to n levels: linear in log sigma over an evenly spaced index."""
     xs = np.linspace(0, 1, len(levels))
@@ -261,6 +281,13 @@ SCHEDULES: dict[str, ScheduleSpec] = {
         ),
         ScheduleSpec(
             "ays", "Align Your Steps", _ays, "Sabour et al. 2024, arXiv:2404.14507", kinds=("vp_discrete",)
+        ),
+        ScheduleSpec(
+            "lcm",
+            "LCM skipping-step",
+            _lcm,
+            "Luo et al. 2023, arXiv:2310.04378; diffusers LCMScheduler.set_timesteps",
+            kinds=("vp_discrete",),
         ),
         ScheduleSpec("custom", "custom levels", _custom, "schedule.sigmas=[...]"),
         ScheduleSpec(

@@ -10,6 +10,7 @@ most schedules that is the scheduler's own timestep.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -29,9 +30,15 @@ HUB_IDS = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "dit": "facebook/DiT-XL-2-256",
     "ddpm_cifar10": "google/ddpm-cifar10-32",
+    # few-step models (README, "Few-step models"); tcd has no full pipeline on the hub: model.path=
+    "lcm": "SimianLuo/LCM_Dreamshaper_v7",
+    "tcd": None,
+    "sd_turbo": "stabilityai/sd-turbo",
+    "sdxl_turbo": "stabilityai/sdxl-turbo",
 }
 PIPELINE_KINDS = {
     "StableDiffusionPipeline": "text",
+    "LatentConsistencyModelPipeline": "text",
     "StableDiffusionXLPipeline": "sdxl",
     "DiTPipeline": "class",
     "DDPMPipeline": "uncond",
@@ -54,10 +61,16 @@ class TextCondition:
     pooled: torch.Tensor | None = None
     null_pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    timestep_cond: torch.Tensor | None = None  # LCM's guidance embedding (guidance_kind "embedded")
 
     def null(self) -> TextCondition:
         return TextCondition(
-            self.null_embeds, self.null_embeds, self.null_pooled, self.null_pooled, self.time_ids
+            self.null_embeds,
+            self.null_embeds,
+            self.null_pooled,
+            self.null_pooled,
+            self.time_ids,
+            self.timestep_cond,
         )
 
     def cat(self, other: TextCondition) -> TextCondition:
@@ -70,6 +83,7 @@ class TextCondition:
             c(self.pooled, other.pooled),
             c(self.null_pooled, other.null_pooled),
             c(self.time_ids, other.time_ids),
+            c(self.timestep_cond, other.timestep_cond),
         )
 
 
@@ -230,6 +244,30 @@ class DiffusersModel:
         self.negative_prompt = cfg.get("negative_prompt") or None
         self.num_classes = int(self.net.config.num_embeds_ada_norm) if self.kind == "class" else 0
         self.condition_kind = {"text": "text", "sdxl": "text", "class": "class", "uncond": "none"}[self.kind]
+        self.guidance_kind = str(cfg.get("guidance_kind") or "cfg")
+        self._consistency = self._boundary_condition(cfg.get("boundary_condition"))
+        if self.guidance_kind == "embedded" and not getattr(self.net.config, "time_cond_proj_dim", None):
+            raise UsageError(
+                f"model={self.name}: guidance_kind embedded needs a UNet with time_cond_proj_dim (an LCM "
+                "UNet); this one has none; set model.guidance_kind=cfg or point model.path at an LCM pipeline"
+            )
+
+    def _boundary_condition(self, kind: Any) -> tuple[float, float] | None:
+        """(timestep_scaling, sigma_data) of LCM's consistency boundary condition, or None."""
+        if kind in (None, "none"):
+            return None
+        if kind != "lcm":
+            raise UsageError(f"model.boundary_condition={kind} is unknown; choose lcm or none")
+        # LCMScheduler.get_scalings_for_boundary_condition_discrete: sigma_data is fixed at 0.5
+        return float(self.pipe.scheduler.config.get("timestep_scaling", 10.0)), 0.5
+
+    def with_guidance(self, cond: TextCondition, guidance: float) -> TextCondition:
+        """The condition carrying LCM's guidance embedding: w = guidance - 1 (LatentConsistencyModelPipeline
+        .__call__), embedded by its get_guidance_scale_embedding to the UNet's time_cond_proj_dim."""
+        dim = int(self.net.config.time_cond_proj_dim)
+        w = torch.tensor(float(guidance) - 1.0).repeat(cond.embeds.shape[0])
+        emb = self.pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(self.device, self.model_dtype)
+        return dataclasses.replace(cond, timestep_cond=emb)
 
     # -- protocol ---------------------------------------------------------------------------
     def scheduler_config(self) -> dict[str, Any]:
@@ -260,12 +298,28 @@ class DiffusersModel:
             extra = {}
             if self.kind == "sdxl":
                 extra["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+            if cond.timestep_cond is not None:
+                extra["timestep_cond"] = cond.timestep_cond
             out = self.net(x_in, timesteps, encoder_hidden_states=cond.embeds, **extra).sample
         return out.to(x.dtype)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        """D(x; sigma) from the network's eps / v / sample prediction (models.base.vp_denoise)."""
-        return vp_denoise(self, x, sigma, cond)
+        """D(x; sigma) from the network's eps / v / sample prediction (models.base.vp_denoise). An LCM
+        model's D is its consistency function f(x, t) = c_skip(t) x_t + c_out(t) x0(x_t, t), with x_t the
+        VP input x / sqrt(1 + sigma^2) and LCMScheduler's c_skip = sd^2 / ((k t)^2 + sd^2),
+        c_out = k t / sqrt((k t)^2 + sd^2), k = timestep_scaling (10), sd = sigma_data (0.5), at the
+        (fractional) timestep the network is asked at."""
+        x0 = vp_denoise(self, x, sigma, cond)
+        if self._consistency is None:
+            return x0
+        scaling, sd = self._consistency
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        kt = self.timestep(s).double().to(x.device) * scaling
+        c_skip = (sd**2 / (kt**2 + sd**2)).reshape(shape)
+        c_out = (kt / (kt**2 + sd**2).sqrt()).reshape(shape)
+        x_t = x.double() / (1 + s.reshape(shape) ** 2).sqrt()
+        return (c_skip * x_t + c_out * x0.double()).to(x.dtype)
 
     def encode(self, raw: list[Any]) -> Any:
         """Conditions for a batch: prompts (text models), class labels, or None."""

@@ -43,6 +43,7 @@ from samplebench.samplers.euler import (
     sample_heun,
     sample_lms,
 )
+from samplebench.samplers.fewstep import sample_lcm, sample_tcd, validate_gamma
 from samplebench.samplers.flow import sample_flow_euler, sample_flow_heun
 from samplebench.samplers.ipndm import sample_ipndm
 from samplebench.samplers.momentum import sample_dpmpp_hb, sample_ghvb, sample_hb, validate_beta
@@ -208,6 +209,24 @@ NATIVE = [
         sample_flow_heun,
         "Esser et al. 2024, arXiv:2403.03206; diffusers FlowMatchHeunDiscreteScheduler",
         repeats=True,
+    ),
+    _n(
+        "lcm",
+        "LCM multistep consistency sampling",
+        "sde",
+        ONE,
+        sample_lcm,
+        "Luo et al. 2023, arXiv:2310.04378, Alg. 3; diffusers LCMScheduler.step",
+    ),
+    _n(
+        "tcd",
+        "TCD strategic stochastic sampling",
+        "sde",
+        ONE,
+        sample_tcd,
+        "Zheng et al. 2024, arXiv:2402.19159, eq. 7; diffusers TCDScheduler.step (gamma = eta)",
+        with_noise=True,
+        validate=validate_gamma,
     ),
     _n("ipndm", "iPNDM", "ode", ONE, sample_ipndm, "Zhang & Chen 2023, arXiv:2204.13902, iPNDM"),
     _n("deis", "DEIS (rho-AB)", "ode", ONE, sample_deis, "Zhang & Chen 2023, arXiv:2204.13902"),
@@ -458,6 +477,17 @@ DIFFUSERS = [
         repeats=True,
         models="flow",
     ),
+    # LCM's boundary condition lives in the model's D (an LCM model's denoiser is f(x, t)), so the
+    # scheduler's own is made the identity: timestep_scaling 1e15 gives c_skip < 1e-30 and c_out = 1.
+    _d(
+        "lcm",
+        "LCM multistep",
+        "sde",
+        "LCMScheduler",
+        "Luo et al. 2023, arXiv:2310.04378",
+        timestep_scaling=1e15,
+    ),
+    _d("tcd", "TCD", "sde", "TCDScheduler", "Zheng et al. 2024, arXiv:2402.19159", step_options=("eta",)),
 ]
 
 # Samplers that hand over to another registered sampler (after the registry above exists).
