@@ -166,3 +166,21 @@ def test_sweep_scores_gmm_flow_with_traj_err_and_fd_exact(tmp_path, models):
     assert float(row.value.iloc[0]) == pytest.approx(mine, rel=1e-6)
     diff = m[(m.metric == "traj_err") & (m.sampler.str.startswith("diffusers:flow_euler"))]
     assert float(diff.value.iloc[0]) == pytest.approx(mine, rel=1e-4)  # float32 steps in diffusers
+
+
+def test_flow_reference_starts_where_the_grid_starts(models):
+    """The metrics stage passes no start for a grid that starts at the largest training level (karras,
+    logsnr on gmm_flow: t = shift(1 - 1/T)): the flow solve then starts there, not at t = 1 (the two
+    differ by ~1e-3 here, far above the 1e-12 asked of the same solve twice)."""
+    from samplebench.metrics.reference import solve_flow_with_floor
+
+    _, flow = models
+    idx = list(range(4))
+    labels = flow.conditions(idx, 0)
+    x_T = initial_noise(0, idx, flow.sample_shape, torch.float64, flow.device)
+    top = float(flow.noise_schedule.sigma_max)
+    default, _ = solve_flow_with_floor(flow, x_T, labels, 1.0)
+    explicit, _ = solve_flow_with_floor(flow, x_T, labels, 1.0, sigma_start=top)
+    from_one, _ = solve_flow_with_floor(flow, x_T, labels, 1.0, sigma_start=1e8)
+    torch.testing.assert_close(default, explicit, rtol=0, atol=1e-12)
+    assert float((from_one - default).abs().max()) > 1e-4

@@ -137,9 +137,9 @@ def solve_flow_with_floor(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """gmm_flow's exact clean samples and its floor point.
 
-    DOP853 integrates dx_t/dt = v_w(x_t, t) from t0 = sigma_start / (1 + sigma_start) (default t = 1,
-    pure noise; the flow schedule's t = 1 is sigma = FLOW_T1_SIGMA, so t0 = 1 - 1e-8 there) with
-    x_t(t0) = x_T, as every sampler starts (NoiseSchedule.initial_state), to t = 0.
+    DOP853 integrates dx_t/dt = v_w(x_t, t) from t0 = sigma_start / (1 + sigma_start) (default: the
+    largest training level, as for gmm; schedule=flow's t = 1 is sigma = FLOW_T1_SIGMA, t0 = 1 - 1e-8)
+    with x_t(t0) = x_T, as every sampler starts (NoiseSchedule.initial_state), to t = 0.
 
     The floor: a flow schedule ends at t = 0 exactly after its last positive level t_f (the cell's
     sigma_floor, default the smallest training level). Every flow sampler's last step, from t_f to 0,
@@ -148,9 +148,7 @@ def solve_flow_with_floor(
     converge to the exact solve to t_f followed by that jump, and traj_err cannot go below its
     distance to the exact solution. On grids whose t_f shrinks with N (end=1/N) the floor of a cell
     is the one at its own t_f, and it vanishes as N grows."""
-    from samplebench.models.base import FLOW_T1_SIGMA
-
-    s0 = FLOW_T1_SIGMA if sigma_start is None else float(sigma_start)
+    s0 = float(model.noise_schedule.sigma_max if sigma_start is None else sigma_start)
     s_f = float(model.noise_schedule.sigma_min if sigma_floor is None else sigma_floor)
     t0, t_f = s0 / (1 + s0), s_f / (1 + s_f)
     n, d = x_T.shape
