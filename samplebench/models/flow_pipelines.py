@@ -120,6 +120,9 @@ class FlowPipelineModel:
             pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
         self.net = pipe.unet if arch == "rf_unet" else pipe.transformer
+        if self.net.dtype != self.model_dtype:
+            # diffusers 0.42 leaves an SD3Transformer2DModel saved in fp32 in fp32 whatever torch_dtype says
+            self.net.to(self.model_dtype)
         self.vae = pipe.vae
         if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast"):
             self.vae.to(torch.float32)
