@@ -30,6 +30,7 @@ BUILDERS = {
     "sd3": tiny_flow_models.make_tiny_sd3,
     "flux_dev": tiny_flow_models.make_tiny_flux_dev,
     "flux_schnell": tiny_flow_models.make_tiny_flux_schnell,
+    "sana": tiny_flow_models.make_tiny_sana,
     "instaflow": tiny_models.make_tiny_sd,  # an SD 1.5-shaped pipeline, read as a velocity UNet
 }
 
@@ -88,16 +89,14 @@ ATOL = 1e-4
 @pytest.mark.parametrize("steps", [1, 4])
 def test_sd3_equals_the_pipeline_with_cfg(models, steps):
     """Reference: StableDiffusion3Pipeline (FlowMatchEulerDiscreteScheduler, shift 3) from the same
-    latents and prompt embeddings, guidance_scale=4 (classifier-free, negative prompt '')."""
+    latents and prompts, guidance_scale=4 (classifier-free, negative prompt '')."""
     m = models["sd3"]
     cond = m.encode(PROMPTS)
     x_T = _x_T(m)
     ours = _ours(m, cond, x_T, steps, 4.0)
     ref = m.pipe(
-        prompt_embeds=cond.embeds,
-        negative_prompt_embeds=cond.null_embeds,
-        pooled_prompt_embeds=cond.pooled,
-        negative_pooled_prompt_embeds=cond.null_pooled,
+        prompt=PROMPTS,  # the pipeline encodes the prompts and the negative prompt '' itself
+        max_sequence_length=tiny_flow_models.MAX_SEQUENCE_LENGTH,
         latents=x_T.float(),
         num_inference_steps=steps,
         guidance_scale=4.0,
@@ -114,7 +113,7 @@ def test_sd3_equals_the_pipeline_with_cfg(models, steps):
 def test_flux_equals_the_pipeline(models, name):
     """Reference: FluxPipeline (linspace(1, 1/N, N) sigmas; FLUX.1-dev's dynamic shift mu from the image
     token count, schnell's shift 1; guidance embedding 3.5 for dev) from the same packed latents and
-    prompt embeddings, 4 steps."""
+    prompts, 4 steps."""
     m = models[name]
     cond = m.encode(PROMPTS)
     x_T = _x_T(m)
@@ -122,8 +121,8 @@ def test_flux_equals_the_pipeline(models, name):
     w_dev = 3.5 if name == "flux_dev" else 1.0
     ours = _ours(m, cond, x_T, 4, w_dev)
     ref = m.pipe(
-        prompt_embeds=cond.embeds,
-        pooled_prompt_embeds=cond.pooled,
+        prompt=PROMPTS,  # the pipeline encodes the prompts itself
+        max_sequence_length=tiny_flow_models.MAX_SEQUENCE_LENGTH,
         latents=_pack(x_T.float()),
         num_inference_steps=4,
         guidance_scale=3.5,  # ignored by the schnell-like transformer (no guidance embedding)
@@ -163,6 +162,44 @@ def test_decode_equals_the_pipelines_images(models, name):
     assert ours.std() > 1  # not a constant image
 
 
+def test_sana_equals_the_pipeline_with_cfg(models):
+    """Reference: SanaPipeline (its complex human instruction, Gemma attention masks, timestep_scale,
+    classifier-free guidance 4.5) with FlowMatchEulerDiscreteScheduler at the folder's flow_shift (3) in
+    place of its DPM-Solver, 3 steps, against flow_euler on schedule=flow end=train (that scheduler's
+    grid). And the model's default grid with schedule.start=train is the folder's own
+    DPMSolverMultistepScheduler (use_flow_sigmas) grid."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    m = models["sana"]
+    cond = m.encode(PROMPTS)
+    x_T = _x_T(m)
+    grid = make_grid({**FLOW, "end": "train"}, m.noise_schedule, 3)
+    x = m.noise_schedule.initial_state(x_T, float(grid.sigmas[0]))
+    ours = sample_flow_euler(guided_denoiser(m, cond, 4.5), x, grid.sigmas)
+    own = m.pipe.scheduler
+    m.pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=own.config.flow_shift)
+    try:
+        ref = m.pipe(
+            prompt=PROMPTS,  # the pipeline encodes them (with its instruction) and the negative prompt ''
+            max_sequence_length=tiny_flow_models.MAX_SEQUENCE_LENGTH,
+            latents=x_T.float(),
+            num_inference_steps=3,
+            guidance_scale=4.5,
+            height=64,
+            width=64,
+            use_resolution_binning=False,
+            output_type="latent",
+        ).images
+    finally:
+        m.pipe.scheduler = own
+    torch.testing.assert_close(ours.float(), ref, rtol=0, atol=ATOL)
+    assert (sample_flow_euler(guided_denoiser(m, cond, 1.0), x, grid.sigmas) - ours).abs().max() > 1e3 * ATOL
+    dpm = DPMSolverMultistepScheduler.from_config(own.config)
+    dpm.set_timesteps(5)
+    levels = make_grid({**FLOW, "start": "train"}, m.noise_schedule, 5).sigmas
+    torch.testing.assert_close(levels / (1 + levels), dpm.sigmas.double(), rtol=0, atol=1e-6)
+
+
 def test_instaflow_equals_its_published_euler_loop(models):
     """Reference: InstaFlow's pipeline_rf.py loop, transcribed by hand: timesteps (1 - i/N) 1000,
     v = unet(latents, t, prompt_embeds), latents += v / N, from the noise itself (no shift, no scaling)."""
@@ -193,7 +230,7 @@ class _CountCalls:
 
 @pytest.mark.parametrize(
     "name, guidance, per_call",
-    [("sd3", 4.0, 4), ("flux_dev", 3.5, 2), ("flux_dev", 1.0, 2), ("flux_schnell", 1.0, 2)],
+    [("sd3", 4.0, 4), ("sana", 4.5, 4), ("flux_dev", 3.5, 2), ("flux_dev", 1.0, 2), ("flux_schnell", 1.0, 2)],
 )
 def test_guidance_kinds_cost_one_network_call_per_step(models, name, guidance, per_call):
     """cfg (sd3) batches the conditional and unconditional passes in one call of twice the batch;
@@ -249,7 +286,12 @@ def _generate(tmp_path, name, path, run, *extra):
 
 @pytest.mark.parametrize(
     "name, guidance, expected_guidance",
-    [("sd3", "1,3", (1.0, 3.0)), ("flux_dev", "1,3.5", (1.0, 3.5)), ("flux_schnell", "3", (1.0,))],
+    [
+        ("sd3", "1,3", (1.0, 3.0)),
+        ("flux_dev", "1,3.5", (1.0, 3.5)),
+        ("flux_schnell", "3", (1.0,)),
+        ("sana", "1,4.5", (1.0, 4.5)),
+    ],
 )
 def test_sweep_counts_exact_nfe(tmp_path, pipelines, name, guidance, expected_guidance):
     """The user's path: `samplebench generate model=<name> model.path=<folder> schedule=flow` offline,

@@ -11,18 +11,32 @@ guidance embedding) and FLUX.1-schnell (shift 1, no guidance embedding).
 from __future__ import annotations
 
 import pathlib
+import string
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from tiny_models import MODEL_MAX_LENGTH, TEXT_HIDDEN_SIZE, _save, _tiny_text_config, _tiny_tokenizer
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 LATENT_CHANNELS = 16
 T5_HIDDEN_SIZE = 2 * TEXT_HIDDEN_SIZE  # SD3: the two CLIP hidden states side by side are padded to T5's width
@@ -166,6 +180,70 @@ def make_tiny_flux_schnell(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
     return make_tiny_flux(path, guidance_embeds=False, seed=seed)
 
 
+def make_tiny_sana(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """A tiny SanaPipeline: a character-level Gemma tokenizer, a 2-layer Gemma-2 encoder, a 2-level DC-AE
+    (downsampling 2, 4 latent channels: latents (B, 4, 32, 32) for 64 x 64 images) and Sana's scheduler,
+    DPMSolverMultistepScheduler with flow sigmas and flow_shift 3 (diffusers' Sana test configs)."""
+    path = pathlib.Path(path)
+    torch.manual_seed(seed)
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\u2581"] + [
+        c for c in string.printable if not c.isspace()
+    ]
+    tokenizer = GemmaTokenizer(vocab={t: i for i, t in enumerate(pieces)}, merges=[])
+    tokenizer.save_pretrained(path / "tokenizer")
+    tokenizer = GemmaTokenizer.from_pretrained(path / "tokenizer")
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_HIDDEN_SIZE,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    transformer = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=TEXT_HIDDEN_SIZE,
+        sample_size=32,
+    )
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=[1, 1],
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipeline = SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    return _save(pipeline, path)
+
+
 __all__ = [
     "LATENT_CHANNELS",
     "MAX_SEQUENCE_LENGTH",
@@ -174,4 +252,5 @@ __all__ = [
     "make_tiny_flux",
     "make_tiny_flux_dev",
     "make_tiny_flux_schnell",
+    "make_tiny_sana",
 ]

@@ -33,6 +33,7 @@ HUB_IDS = {
     "sd3": "stabilityai/stable-diffusion-3.5-medium",
     "flux_schnell": "black-forest-labs/FLUX.1-schnell",
     "flux_dev": "black-forest-labs/FLUX.1-dev",
+    "sana": "Efficient-Large-Model/Sana_600M_512px_diffusers",
     "instaflow": "XCLiu/instaflow_0_9B_from_sd_1_5",
 }
 PIPELINE_KINDS = {
@@ -43,8 +44,9 @@ PIPELINE_KINDS = {
     "DDIMPipeline": "uncond",
     "StableDiffusion3Pipeline": "sd3",  # flow models: loaded by models/flow_pipelines.py
     "FluxPipeline": "flux",
+    "SanaPipeline": "sana",
 }
-FLOW_KINDS = ("sd3", "flux")
+FLOW_KINDS = ("sd3", "flux", "sana")
 REQUIRED = {
     "text": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
@@ -52,6 +54,7 @@ REQUIRED = {
     "uncond": ("unet", "scheduler"),
     "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
     "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    "sana": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
 }
 
 
@@ -206,7 +209,7 @@ class DiffusersModel:
         if self.kind in FLOW_KINDS:
             raise UsageError(
                 f"model={self.name}: {type(pipe).__name__} is a rectified-flow pipeline; "
-                "use model=sd3, flux_schnell or flux_dev with model.path="
+                "use model=sd3, flux_schnell, flux_dev or sana with model.path="
             )
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)

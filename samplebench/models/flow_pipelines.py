@@ -16,6 +16,13 @@ What each pipeline hands its network, reproduced here (diffusers 0.3x-0.4x):
   encoder_hidden_states (T5) and, when the transformer has guidance_embeds (FLUX.1-dev), the guidance
   value w as an input: one pass per step ("embedded" guidance; the pipeline's default w is 3.5).
   FLUX.1-schnell has no guidance embedding and takes no guidance.
+* SanaPipeline (Sana, e.g. Efficient-Large-Model/Sana_600M_512px_diffusers): hidden_states = x_t (B, 32, h, w)
+  of its DC-AE (downsampling 32), timestep = 1000 t times the transformer's timestep_scale,
+  encoder_hidden_states (Gemma-2, the prompt prefixed with the pipeline's default complex human
+  instruction) with its attention mask; velocity n - x_0 (DPMSolverMultistepScheduler's flow_prediction);
+  a learned-sigma half of the output, if any, is dropped. Guidance: classifier-free (negative prompt "",
+  encoded without the instruction, as SanaPipeline does). Its scheduler's grid is diffusers'
+  use_flow_sigmas one: `schedule=flow schedule.start=train` (end 1/N is the model's default).
 * InstaFlow (XCLiu/instaflow_0_9B_from_sd_1_5, a StableDiffusionPipeline folder): an SD 1.5 UNet
   distilled to a one-step rectified flow. Its published sampler (pipeline_rf.py of gnobitab/InstaFlow)
   is, as we transcribe it: timesteps (1 - i/N) 1000, i = 0 .. N-1, starting from noise,
@@ -41,6 +48,7 @@ from samplebench.models.diffusers_models import _resolve_dtype, load_pipeline
 FLOW_PIPELINES = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "SanaPipeline": "sana",
     "StableDiffusionPipeline": "rf_unet",  # InstaFlow's folder is a plain SD 1.5 pipeline
 }
 # Model name -> (pipeline arch it needs, its default guidance kind).
@@ -48,6 +56,7 @@ FLOW_MODELS = {
     "sd3": ("sd3", "cfg"),
     "flux_dev": ("flux", "embedded"),
     "flux_schnell": ("flux", "none"),
+    "sana": ("sana", "cfg"),
     "instaflow": ("rf_unet", "none"),
 }
 
@@ -70,9 +79,11 @@ class FlowCondition:
     null_pooled: torch.Tensor | None = None
     txt_ids: torch.Tensor | None = None  # (tokens, 3), shared by the batch
     guidance: float | None = None
+    mask: torch.Tensor | None = None  # Sana: the prompt tokens' attention mask
+    null_mask: torch.Tensor | None = None
 
     def null(self) -> FlowCondition:
-        return replace(self, embeds=self.null_embeds, pooled=self.null_pooled)
+        return replace(self, embeds=self.null_embeds, pooled=self.null_pooled, mask=self.null_mask)
 
     def cat(self, other: FlowCondition) -> FlowCondition:
         def c(a, b):
@@ -84,6 +95,8 @@ class FlowCondition:
             pooled=c(self.pooled, other.pooled),
             null_embeds=c(self.null_embeds, other.null_embeds),
             null_pooled=c(self.null_pooled, other.null_pooled),
+            mask=c(self.mask, other.mask),
+            null_mask=c(self.null_mask, other.null_mask),
         )
 
 
@@ -138,12 +151,16 @@ class FlowPipelineModel:
                 f"model={self.name}: {cfg.get('path') or cfg.get('id')} has no guidance embedding, so "
                 "guidance_kind embedded is impossible; use model.guidance_kind=none or cfg"
             )
-        self.max_sequence_length = int(cfg.get("max_sequence_length") or (256 if arch != "flux" else 512))
+        default_length = {"flux": 512, "sana": 300}.get(arch, 256)  # the pipelines' defaults
+        self.max_sequence_length = int(cfg.get("max_sequence_length") or default_length)
         self.negative_prompt = cfg.get("negative_prompt") or None
 
-        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        levels = (
+            self.vae.config.get("block_out_channels") or self.vae.config.encoder_block_out_channels
+        )  # DC-AE
+        scale = 2 ** (len(levels) - 1)
         channels = int(self.vae.config.latent_channels)
-        patch = {"sd3": int(self.net.config.get("patch_size", 1)), "flux": 2, "rf_unet": 1}[arch]
+        patch = {"sd3": int(self.net.config.get("patch_size", 1)), "flux": 2}.get(arch, 1)
         if arch == "flux":
             native = int(getattr(pipe, "default_sample_size", 128)) * scale
         else:
@@ -165,7 +182,7 @@ class FlowPipelineModel:
             self._T, shift, mu, end = 1000, 1.0, None, "1/N"
         else:
             self._T = int(sc.get("num_train_timesteps", 1000))
-            shift = float(sc.get("shift", 1.0))
+            shift = float(sc["shift"] if "shift" in sc else sc.get("flow_shift", 1.0))  # Sana's DPM-Solver
             mu = None
             if sc.get("use_dynamic_shifting"):
                 seq_len = (h // patch) ** 2  # image tokens (FLUX: packed 2 x 2; SD3: patches)
@@ -176,7 +193,8 @@ class FlowPipelineModel:
                     sc.get("base_shift", 0.5),
                     sc.get("max_shift", 1.15 if arch == "flux" else 1.16),  # the pipelines' defaults
                 )
-            end = "1/N" if arch == "flux" else "train"  # FluxPipeline's sigmas; SD3: set_timesteps' own
+            # FluxPipeline's sigmas and DPM-Solver's use_flow_sigmas (Sana): linspace to 1/N; SD3: to 1/T
+            end = "1/N" if arch == "flux" or sc.get("use_flow_sigmas") else "train"
         self.shift, self.mu = shift, mu
         self.noise_schedule = flow_schedule(self._T, shift, mu, end)
         self._img_ids: torch.Tensor | None = None
@@ -220,6 +238,16 @@ class FlowPipelineModel:
                 return_dict=False,
             )[0]
             out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        elif self.arch == "sana":
+            out = self.net(
+                x_in,
+                encoder_hidden_states=cond.embeds,
+                encoder_attention_mask=cond.mask,
+                timestep=ts * self.net.config.timestep_scale,
+                return_dict=False,
+            )[0]
+            if out.shape[1] == 2 * x.shape[1]:  # learned sigma: keep the velocity
+                out = out[:, : x.shape[1]]
         else:  # InstaFlow: the UNet predicts x_0 - n (see the module docstring)
             out = -self.net(x_in, ts, encoder_hidden_states=cond.embeds).sample
         return out.to(x.dtype)
@@ -270,6 +298,21 @@ class FlowPipelineModel:
                         max_sequence_length=self.max_sequence_length,
                     )
                 return FlowCondition(embeds, pooled, null, null_pooled, txt_ids)
+            if self.arch == "sana":
+                import inspect
+
+                instruction = inspect.signature(type(self.pipe).__call__).parameters[
+                    "complex_human_instruction"
+                ]
+                embeds, mask, null, null_mask = self.pipe.encode_prompt(
+                    prompts,
+                    do_classifier_free_guidance=cfg,
+                    negative_prompt=negative,
+                    device=self.device,
+                    max_sequence_length=self.max_sequence_length,
+                    complex_human_instruction=instruction.default,
+                )
+                return FlowCondition(embeds, None, null, mask=mask, null_mask=null_mask)
             embeds, null = self.pipe.encode_prompt(
                 prompts, self.device, 1, cfg, negative_prompt=negative if cfg else None
             )
@@ -292,7 +335,8 @@ class FlowPipelineModel:
         posterior mean, shifted and scaled as the pipelines do; the inverse of `decode`), float64."""
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
-            z = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist.mean.double()
+            out = self.vae.encode(x.to(self.device, self.vae.dtype))
+            z = (out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent).double()  # KL / DC-AE
         shift = self.vae.config.get("shift_factor") or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 
