@@ -118,9 +118,8 @@ class FlowPipelineModel:
             self.model_dtype = half if device.type == "cuda" else torch.float32
         else:
             self.model_dtype = _resolve_dtype(cfg["dtype"], device)
-        self.dtype = (
-            torch.float64
-        )  # the sampler's state (t = 1 is sigma = 1e8); the network runs in model_dtype
+        # the sampler's state is float64 (t = 1 is sigma = 1e8); the network runs in model_dtype
+        self.dtype = torch.float64
         pipe = load_pipeline(cfg, self.model_dtype)
         found = FLOW_PIPELINES.get(type(pipe).__name__)
         if found != arch:
@@ -155,9 +154,7 @@ class FlowPipelineModel:
         self.max_sequence_length = int(cfg.get("max_sequence_length") or default_length)
         self.negative_prompt = cfg.get("negative_prompt") or None
 
-        levels = (
-            self.vae.config.get("block_out_channels") or self.vae.config.encoder_block_out_channels
-        )  # DC-AE
+        levels = self.vae.config.get("block_out_channels") or self.vae.config.encoder_block_out_channels
         scale = 2 ** (len(levels) - 1)
         channels = int(self.vae.config.latent_channels)
         patch = {"sd3": int(self.net.config.get("patch_size", 1)), "flux": 2}.get(arch, 1)
@@ -201,9 +198,11 @@ class FlowPipelineModel:
 
     # -- protocol ---------------------------------------------------------------------------
     def scheduler_config(self) -> dict[str, Any]:
+        """FlowMatchEulerDiscreteScheduler keyword arguments (a dynamic shift's mu at this resolution is
+        noise_schedule.mu, an argument of set_timesteps)."""
         out: dict[str, Any] = dict(num_train_timesteps=self._T, shift=self.shift)
         if self.mu is not None:
-            out.update(use_dynamic_shifting=True, mu=self.mu)
+            out.update(use_dynamic_shifting=True)
         return out
 
     def predict(
