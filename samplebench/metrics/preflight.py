@@ -21,8 +21,17 @@ NEEDS_REF = ("fid", "kid", "precision", "recall")
 INCEPTION = ("fid", "kid", "is", "precision", "recall")
 CLIP = ("clip_score", "clip_score_paper")
 ON_MISSING = ("error", "skip")
-_KINDS = {"text": "text", "sdxl": "text", "class": "class", "uncond": "none"}
+_KINDS = {
+    "text": "text",
+    "sdxl": "text",
+    "class": "class",
+    "uncond": "none",
+    "sd3": "text",
+    "flux": "text",
+    "sana": "text",
+}
 _BUILTIN_KINDS = {"sd15": "text", "sd21": "text", "sdxl": "text", "dit": "class", "ddpm_cifar10": "none"}
+_BUILTIN_KINDS.update(sd3="text", flux_schnell="text", flux_dev="text", sana="text", instaflow="text")
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,10 @@ def load_model(cfg: dict[str, Any], device: str) -> DiffusionModel:
         cls = FlowMixtureModel if name == "gmm_flow" else GaussianMixtureModel
         return cls(spec, dev, parse_dtype(cfg.get("dtype", "float64")))
     from samplebench.models.diffusers_models import HUB_IDS, DiffusersModel
+    from samplebench.models.flow_pipelines import FLOW_MODELS, FlowPipelineModel
 
+    if name in FLOW_MODELS:
+        return FlowPipelineModel(cfg, dev)
     if name in HUB_IDS or name == "diffusers":
         return DiffusersModel(cfg, dev)
     raise UsageError(f"model={name} has no adapter")

@@ -35,6 +35,12 @@ HUB_IDS = {
     "tcd": None,
     "sd_turbo": "stabilityai/sd-turbo",
     "sdxl_turbo": "stabilityai/sdxl-turbo",
+    # rectified-flow models (models/flow_pipelines.py)
+    "sd3": "stabilityai/stable-diffusion-3.5-medium",
+    "flux_schnell": "black-forest-labs/FLUX.1-schnell",
+    "flux_dev": "black-forest-labs/FLUX.1-dev",
+    "sana": "Efficient-Large-Model/Sana_600M_512px_diffusers",
+    "instaflow": "XCLiu/instaflow_0_9B_from_sd_1_5",
 }
 PIPELINE_KINDS = {
     "StableDiffusionPipeline": "text",
@@ -43,12 +49,19 @@ PIPELINE_KINDS = {
     "DiTPipeline": "class",
     "DDPMPipeline": "uncond",
     "DDIMPipeline": "uncond",
+    "StableDiffusion3Pipeline": "sd3",  # flow models: loaded by models/flow_pipelines.py
+    "FluxPipeline": "flux",
+    "SanaPipeline": "sana",
 }
+FLOW_KINDS = ("sd3", "flux", "sana")
 REQUIRED = {
     "text": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
     "class": ("transformer", "vae", "scheduler"),
     "uncond": ("unet", "scheduler"),
+    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    "sana": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
 }
 
 
@@ -206,6 +219,11 @@ class DiffusersModel:
             raise UsageError(
                 f"model={self.name}: {type(pipe).__name__} is not supported; "
                 f"supported: {', '.join(PIPELINE_KINDS)}"
+            )
+        if self.kind in FLOW_KINDS:
+            raise UsageError(
+                f"model={self.name}: {type(pipe).__name__} is a rectified-flow pipeline; "
+                "use model=sd3, flux_schnell, flux_dev or sana with model.path="
             )
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
