@@ -262,3 +262,25 @@ def test_plot_metric_rejects_absent_metric(metrics_df: pd.DataFrame, tmp_path: P
     with pytest.raises(ValueError, match="kid"):
         plot_metric(metrics_df, "kid", tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_several_models_share_one_facet_and_one_front(
+    metrics_df: pd.DataFrame, tmp_path: Path, monkeypatch
+) -> None:
+    """A mixed sweep (a base model's samplers and a few-step model) is compared on one pair of axes: the
+    first facet holds every model's cells as model · sampler series, with one Pareto front over all."""
+    from samplebench.report import pareto
+
+    other = metrics_df.assign(model="lcm", value=metrics_df["value"] - 0.05)
+    both = pd.concat([metrics_df.assign(model="sd15"), other], ignore_index=True)
+    drawn = []
+    real = pareto._draw_facet
+    monkeypatch.setattr(
+        pareto, "_draw_facet", lambda ax, facet, *a: (drawn.append(facet), real(ax, facet, *a))
+    )
+    plot_metric(both, "fd_exact", tmp_path)
+    first = drawn[0]  # the combined facet of the NFE figure, before the per-model rows
+    assert set(first["model"]) == {"sd15", "lcm"}
+    assert all(label.startswith(("sd15 · ", "lcm · ")) and " · g=" in label for label in first["sampler"])
+    assert len(first) == int((both["metric"] == "fd_exact").sum())
+    assert len(drawn) == 2 * (1 + 2 * 2)  # per figure: the combined facet, then 2 models x 2 guidances

@@ -140,8 +140,18 @@ def _draw_facet(
         ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _combined(data: pd.DataFrame, guidances: list[float]) -> pd.DataFrame:
+    """Every model's cells as series of one facet, named model · sampler (· guidance when several), so a
+    few-step model and a base model's samplers share one front."""
+    label = data["model"].astype(str) + " · " + data["sampler"].astype(str)
+    if len(guidances) > 1:
+        label = label + " · g=" + data["guidance"].astype(float).map("{:g}".format)
+    return data.assign(sampler=label)
+
+
 def _plot_one(df: pd.DataFrame, metric: str, suffix: str, out_dir: Path) -> Path:
-    """One figure: rows = models, columns = guidance values."""
+    """One figure: rows = models, columns = guidance values; with several models, a first row puts all
+    of them on one pair of axes with one Pareto front (the comparison a mixed sweep is run for)."""
     x_col, x_label = X_AXES[suffix]
     lower = lower_is_better(metric)
     # Log axes cannot show x <= 0 (e.g. an unmeasured time); drop those points rather than crash. A cell
@@ -153,13 +163,40 @@ def _plot_one(df: pd.DataFrame, metric: str, suffix: str, out_dir: Path) -> Path
     samplers = sorted(df["sampler"].astype(str).unique())
     styles = _styles(samplers)
 
-    fig = Figure(figsize=(4.8 * len(guidances) + 2.2, 4.0 * len(models)), dpi=DPI)
+    together = len(models) > 1
+    fig = Figure(figsize=(4.8 * len(guidances) + 2.2, 4.0 * (len(models) + together)), dpi=DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(models), len(guidances), squeeze=False)
+    axes = fig.subplots(len(models) + together, len(guidances), squeeze=False)
     direction = "lower" if lower else "higher"
+    if together:
+        ax = axes[0][0]
+        for extra in axes[0][1:]:
+            extra.set_visible(False)
+        ax.set_title(
+            "all models" + (", every guidance" if len(guidances) > 1 else f" · guidance = {guidances[0]:g}")
+        )
+        if data.empty:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        else:
+            both = _combined(data, guidances)
+            series = sorted(both["sampler"].unique())
+            series_styles = _styles(series)
+            _draw_facet(ax, both, x_col, series_styles, lower)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(f"{metric} ({direction} is better)")
+            ax.legend(
+                handles=[
+                    Line2D([], [], color=series_styles[n][0], marker=series_styles[n][1], label=n)
+                    for n in series
+                ],
+                fontsize="x-small",
+                loc="upper left",
+                bbox_to_anchor=(1.02, 1.0),
+                frameon=False,
+            )
     for r, model in enumerate(models):
         for c, guidance in enumerate(guidances):
-            ax = axes[r][c]
+            ax = axes[r + together][c]
             facet = data[(data["model"].astype(str) == model) & (data["guidance"].astype(float) == guidance)]
             title = f"guidance = {guidance:g}"
             ax.set_title(title if len(models) == 1 else f"{model} · {title}")
