@@ -188,3 +188,15 @@ def test_a_model_without_guidance_runs_at_guidance_1_in_a_guided_sweep(capsys):
     assert "takes no guidance" in capsys.readouterr().err
     with pytest.raises(UsageError, match="guidance_kind=maybe is unknown"):
         plan(["model=gmm", "+model.guidance_kind=maybe", "sampler=ddim", "nfe=5"])
+
+
+def test_samplers_on_vp_training_time_refuse_flow_models_in_one_line(flow):
+    spec = get_sampler("deis_tab")
+    with pytest.raises(UsageError, match="sampler=deis_tab needs a discrete diffusion") as e:
+        spec.model_check({}, {"name": "gmm_flow"})
+    assert "\n" not in str(e.value)
+    spec.model_check({}, {"name": "gmm"})  # a VP model is fine
+    grid = make_grid({"name": "flow"}, flow.noise_schedule, 4)
+    _, labels, x = _start(flow, grid)
+    with pytest.raises(UsageError, match="deis_rhoab or deis_rhork"):  # the generate-time check too
+        spec.run(guided_denoiser(flow, labels, 1.0), x, grid, {}, None)

@@ -26,7 +26,13 @@ from samplebench.samplers.deis import (
     sample_deis_rhork,
     sample_deis_tab,
 )
-from samplebench.samplers.diffusers_loop import FLOW_ONLY, diffusers_nfe_rule, kind_check, run_scheduler
+from samplebench.samplers.diffusers_loop import (
+    FLOW_ONLY,
+    diffusers_nfe_rule,
+    kind_check,
+    model_is_flow,
+    run_scheduler,
+)
 from samplebench.samplers.dpm_solver import (
     sample_dpm_multistep,
     sample_dpm_singlestep,
@@ -107,8 +113,32 @@ CHOICES = {
 }
 
 
+def _vp_only(name: str, instead: str) -> Any:
+    """SamplerSpec.model_check: a sampler built on a discrete VP model's training time refuses a
+    flow-matching model at plan time (when the config tells the kind without loading the model)."""
+
+    def check(options: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+        if model_is_flow(model_cfg):
+            raise UsageError(
+                f"sampler={name} needs a discrete diffusion (VP) model's training time, not a flow-matching "
+                f"model's; use sampler={instead}"
+            )
+
+    return check
+
+
 def _n(
-    name, title, kind, rule, fn, source, repeats=False, with_noise=False, validate=None, **fixed
+    name,
+    title,
+    kind,
+    rule,
+    fn,
+    source,
+    repeats=False,
+    with_noise=False,
+    validate=None,
+    model_check=None,
+    **fixed,
 ) -> SamplerSpec:
     return SamplerSpec(
         name,
@@ -120,6 +150,7 @@ def _n(
         repeats_levels=repeats,
         choices=CHOICES.get(name, {}),
         validate=validate,
+        model_check=model_check,
     )
 
 
@@ -238,6 +269,7 @@ NATIVE = [
         sample_deis_tab,
         "Zhang & Chen 2023 (ICLR), arXiv:2204.13902; qsh-zh/deis get_sampler_t_ab",
         with_noise=True,
+        model_check=_vp_only("deis_tab", "deis_rhoab or deis_rhork"),
     ),
     _n(
         "deis_rhoab",

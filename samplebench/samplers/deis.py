@@ -148,9 +148,11 @@ class ModelTime:
     @classmethod
     def of(cls, noise: NoiseSchedule) -> ModelTime:
         if noise.kind != "vp_discrete":
-            raise ValueError(
-                f"deis_tab needs a discrete VP model time (its noise schedule is {noise.kind}); "
-                "use sampler=deis_rhoab or deis_rhork"
+            from samplebench.errors import UsageError
+
+            raise UsageError(
+                f"sampler=deis_tab needs a discrete diffusion (VP) model's training time, not a {noise.kind} "
+                "model's; use sampler=deis_rhoab or deis_rhork"
             )
         return cls(noise.train_sigmas.double().log().numpy())
 
