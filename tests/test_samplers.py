@@ -138,6 +138,9 @@ OPTION_VALUES = {
     # velocity and GHVB's weights divide by beta, so 0 is refused (a UsageError) rather than tried.
     ("beta", 0.8): (0.5, 0.8, 1.0),
     ("skip", 2): (0, 1, 2, 3),
+    # TCD's gamma (diffusers: eta), 0.3 by default: 0 is its deterministic end, 1 LCM's full re-noising.
+    ("gamma", 0.3): (0.0, 0.3, 1.0),
+    ("eta", 0.3): (0.0, 0.3, 1.0),
     # teleport's reference folder is for image models (the analytic model has exact moments): it is
     # exercised in test_paper_samplers_images.py on a tiny pipeline.
     ("moments", None): (None,),
