@@ -176,10 +176,16 @@ def plan(overrides: list[str]) -> list[Cell]:
             else:
                 _check_override(key, [], base)
             axes.append([o.input_line])
+    # A model whose own pipelines space steps otherwise (flow matching: schedule=flow) names it as
+    # model.default_schedule; it is used where the sweep does not choose a schedule.
+    schedule_given = any(k.lstrip("+~") == "schedule" for k in given)
     cells: list[Cell] = []
     for combo in itertools.product(*axes):
         try:
             cfg = _compose(list(combo))
+            preferred = None if schedule_given else cfg.model.get("default_schedule")
+            if preferred and preferred != cfg.schedule.get("name"):
+                cfg = _compose([*combo, f"schedule={preferred}"])
         except HydraException as e:
             choices = [item for item in combo if item.split("=")[0].lstrip("+~") in GROUPS]
             groups_only = _compose(choices)

@@ -200,3 +200,13 @@ def test_samplers_on_vp_training_time_refuse_flow_models_in_one_line(flow):
     _, labels, x = _start(flow, grid)
     with pytest.raises(UsageError, match="deis_rhoab or deis_rhork"):  # the generate-time check too
         spec.run(guided_denoiser(flow, labels, 1.0), x, grid, {}, None)
+
+
+def test_flow_models_default_to_the_flow_schedule_unless_one_is_chosen():
+    """model.default_schedule (flow models: flow) applies where the sweep names no schedule."""
+    (cell,) = plan(["model=gmm_flow", "sampler=flow_euler", "nfe=5"])
+    assert cell.schedule["name"] == "flow"
+    (cell,) = plan(["model=gmm_flow", "sampler=flow_euler", "nfe=5", "schedule=karras"])
+    assert cell.schedule["name"] == "karras"
+    cells = plan(["model=gmm,gmm_flow", "sampler=euler", "nfe=5"])
+    assert {c.model["name"]: c.schedule["name"] for c in cells} == {"gmm": "karras", "gmm_flow": "flow"}

@@ -34,18 +34,28 @@ def is_analytic(name: str) -> bool:
     return name in ANALYTIC_MODELS
 
 
+def mixture_spec(cfg: dict[str, Any]) -> Any:
+    """The MixtureSpec of an analytic model's config: its keys less the plan-level ones every model
+    config may carry (name, dtype, default_schedule, guidance_kind)."""
+    from samplebench.models.gmm import MixtureSpec
+
+    plan_keys = ("name", "dtype", "default_schedule", "guidance_kind")
+    fields = {k: v for k, v in cfg.items() if k not in plan_keys}
+    try:
+        return MixtureSpec(**fields)
+    except TypeError as e:
+        name = cfg.get("name")
+        raise UsageError(f"model={name}: {e}; see conf/model/{name}.yaml for its keys") from e
+
+
 def load_model(cfg: dict[str, Any], device: str) -> DiffusionModel:
     """Build the model a config names, once per worker."""
     name = cfg["name"]
     dev = pick_device(device)
     if is_analytic(name):
-        from samplebench.models.gmm import FlowMixtureModel, GaussianMixtureModel, MixtureSpec
+        from samplebench.models.gmm import FlowMixtureModel, GaussianMixtureModel
 
-        fields = {k: v for k, v in cfg.items() if k not in ("name", "dtype")}
-        try:
-            spec = MixtureSpec(**fields)
-        except TypeError as e:
-            raise UsageError(f"model={name}: {e}; see conf/model/{name}.yaml for its keys") from e
+        spec = mixture_spec(cfg)
         cls = FlowMixtureModel if name == "gmm_flow" else GaussianMixtureModel
         return cls(spec, dev, parse_dtype(cfg.get("dtype", "float64")))
     from samplebench.models.diffusers_models import HUB_IDS, DiffusersModel

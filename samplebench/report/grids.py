@@ -286,10 +286,10 @@ def _is_gmm(cell: CellRecord) -> bool:
 def _mixture(model_cfg: dict[str, Any]) -> Any:
     import torch
 
-    from samplebench.models.gmm import GaussianMixtureModel, MixtureSpec
+    from samplebench.models import mixture_spec
+    from samplebench.models.gmm import GaussianMixtureModel
 
-    spec = MixtureSpec(**{k: v for k, v in model_cfg.items() if k not in ("name", "dtype")})
-    return GaussianMixtureModel(spec, torch.device("cpu"))
+    return GaussianMixtureModel(mixture_spec(model_cfg), torch.device("cpu"))
 
 
 def _first_samples(cell: CellRecord, n: int) -> tuple[np.ndarray, np.ndarray]:
