@@ -499,6 +499,7 @@ def generate(
     todo = []
     for cell in ordered:
         cell_dir = prepare_cell_dir(run_dir, cell)
+        store.drop_dead_claims(cell_dir, float(cell.config.get("claim_timeout", 600)))
         size, n = _recorded_shard_size(cell_dir, cell), int(cell.config["num_images"])
         todo.append((cell, cell_dir, size, missing_shards(cell_dir, n, size), len(range(0, n, size))))
     total = sum(len(t[3]) for t in todo)

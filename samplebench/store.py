@@ -310,3 +310,14 @@ def heartbeat(cell_dir: Path, first: int) -> None:
 
 def release_claim(cell_dir: Path, first: int) -> None:
     claim_path(cell_dir, first).unlink(missing_ok=True)
+
+
+def drop_dead_claims(cell_dir: Path, timeout: float) -> None:
+    """Remove the stale claims of shards that are already written: a worker killed between writing a
+    shard and releasing its claim (SIGKILL, a node lost) leaves one, and no worker would ever take it
+    over, since the shard is finished."""
+    written = {first for first, _, _ in shard_ranges(cell_dir)}
+    for path in cell_dir.glob(".claim-*"):
+        suffix = path.name.removeprefix(".claim-")
+        if suffix.isdigit() and int(suffix) in written and _claim_is_stale(path, timeout):
+            path.unlink(missing_ok=True)
