@@ -23,9 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# Cold compiles, as a fresh machine pays them: inductor's on-disk caches of earlier runs off.
+# Cold compiles, as a fresh machine pays them: inductor's graph caches off and its compiled-kernel
+# cache in a new, empty folder (else C++ kernels built by an earlier run are reused).
 os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
 os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cold-"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -16,6 +16,7 @@ allow_tf32 is top level (conf/config.yaml): torch's TF32 flags are process-wide.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -151,7 +152,7 @@ def compile_state() -> tuple[int, float]:
     around a call say whether (and how long) it compiled. Dynamo's own counters
     (torch._dynamo.utils.counters["stats"]["unique_graphs"], compilation_time_metrics of
     _compile.compile_inner, which spans tracing, inductor codegen and max-autotune benchmarking)."""
-    if "torch._dynamo" not in __import__("sys").modules:
+    if "torch._dynamo" not in sys.modules:  # nothing compiled yet (and no import of dynamo for it)
         return 0, 0.0
     from torch._dynamo import utils
 
