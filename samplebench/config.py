@@ -24,6 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from samplebench import speed
 from samplebench.errors import UsageError
 from samplebench.models import is_analytic
 from samplebench.samplers.base import GUIDANCE_KINDS
@@ -86,13 +87,18 @@ class Cell:
         if is_analytic(str(self.model.get("name"))):
             keys = tuple(k for k in keys if k != "prompts")  # its conditions come from the seed, not prompts
         ident = {k: self.config.get(k) for k in keys}
+        # speed switches enter only when not at their defaults (older identities stay what they were)
+        ident["model"] = speed.identity_model(self.config.get("model") or {})
+        ident |= speed.identity_extra(self.config)
         if not ident["content"]:  # nothing read from disk (analytic model): the hash it had before content
             del ident["content"]
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def model_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model, sort_keys=True).encode()).hexdigest()[:16]
+        """The loaded model's identity: cells with equal model_hash share one load (and its switches)."""
+        ident = speed.identity_model(self.model) | speed.identity_extra(self.config)
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
@@ -107,7 +113,9 @@ def _suggest(word: str, choices: list[str]) -> str:
 
 
 # Where weights come from changes the identity (the hash) but not the readable label.
-_UNLABELLED = {"name", "path", "id", "allow_pickle"}
+# So do the speed switches (samplebench/speed.py): they change how the numbers are made, not what is
+# compared, and one run may hold a model's cells made with and without them only under another run= name.
+_UNLABELLED = {"name", "path", "id", "allow_pickle", *speed.MODEL_DEFAULTS}
 
 
 def _label(name: str, chosen: dict[str, Any], defaults: dict[str, Any]) -> str:
@@ -328,3 +336,4 @@ def validate(c: dict[str, Any]) -> None:
         )
     if not isinstance(c["allow_lower_nfe"], bool):
         raise UsageError("allow_lower_nfe must be true or false")
+    speed.check(c)

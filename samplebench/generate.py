@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from samplebench import store
+from samplebench import speed, store
 from samplebench.config import Cell
 from samplebench.errors import UsageError
 from samplebench.models import is_analytic, load_model
@@ -114,7 +114,13 @@ def _append_provenance(run_dir: Path, cells: list[Cell]) -> None:
     path = run_dir / "provenance.json"
     configs = {str(c.rel_dir): {"config_hash": c.config_hash, "config": c.config} for c in cells}
     seeds = sorted({int(c.config["seed"]) for c in cells})
-    entry = provenance.record(extra={"stage": "generate", "seeds": seeds, "cells": configs})
+    # the speed switches in effect per model, with torch's TF32 flags as they will be set
+    switches = {
+        c.model_label: speed.describe(c.model, bool(c.config.get("allow_tf32", False))) for c in cells
+    }
+    entry = provenance.record(
+        extra={"stage": "generate", "seeds": seeds, "cells": configs, "speed": switches}
+    )
     with locked(run_dir):  # several workers append to one run's history
         history = json.loads(path.read_text()) if path.exists() else []
         history.append(entry)
@@ -302,6 +308,7 @@ def run_batch(model: Any, cell: Cell, inputs: BatchInputs, steps: int) -> Batch:
     counter = CountingDenoiser(guided_denoiser(model, inputs.cond, cell.guidance), sync)
     gens = sampler_generators(seed, indices) if spec.kind == "sde" or cell.sampler.get("eta", 0) else None
     sync()
+    graphs, compile_seconds = speed.compile_state()
     start = time.perf_counter()
     with torch.no_grad():
         x = model.noise_schedule.initial_state(inputs.x_T, float(grid.sigmas[0]))
@@ -310,6 +317,7 @@ def run_batch(model: Any, cell: Cell, inputs: BatchInputs, steps: int) -> Batch:
         x0 = spec.run(counter, x, grid, _sampler_options(cell), gens, context)
     sync()
     seconds = time.perf_counter() - start
+    graphs_after, compile_after = speed.compile_state()
     images, decode_seconds = None, 0.0
     if hasattr(model, "decode"):
         start = time.perf_counter()
@@ -321,7 +329,12 @@ def run_batch(model: Any, cell: Cell, inputs: BatchInputs, steps: int) -> Batch:
         "seconds": seconds,
         "model_seconds": counter.seconds,
         "decode_seconds": decode_seconds,
+        # torch.compile work inside this call (model.compile): graphs compiled and seconds spent
+        "compiles": graphs_after - graphs,
+        "compile_seconds": compile_after - compile_seconds,
     }
+    if stats["compiles"]:  # a shape no warm-up compiled: its time is compile time, never a timed call's
+        stats["kind"] = "compiled"
     return Batch(indices, x0, inputs.labels, inputs.prompt_ids, inputs.prompts, stats, images)
 
 
@@ -338,20 +351,36 @@ def make_shard(
     steps: int,
     conditions: CellConditions,
     warm_up: bool,
+    compiled_shapes: set[tuple[Any, ...]] | None = None,
 ) -> tuple[list[Batch], list[dict[str, Any]]]:
     """The shard's batches, after an untimed warm-up call when `warm_up` (the first call of a sampler in
     a process pays lazy imports, allocator and kernel warm-up; its cost is kept apart, as a timing-only
-    call on the shard's first batch whose outputs are discarded)."""
+    call on the shard's first batch whose outputs are discarded).
+
+    A compiled network (model.compile) is compiled once per input shape (speed.apply: static shapes), so
+    every batch size of the shard that this process has not yet run for this sampler and guidance
+    (`compiled_shapes`; guidance doubles the network's batch) gets its own untimed warm-up first, and
+    the shard's smaller last batch is never the call that compiles."""
     bs, first = int(cell.config["batch_size"]), shard[0]
     timing_calls: list[dict[str, Any]] = []
-    if warm_up:
+    chunks = [shard[b : b + bs] for b in range(0, len(shard), bs)]
+    warm = [chunks[0]] if warm_up else []
+    if compiled_shapes is not None and speed.compiled(cell.model):
+        for chunk in chunks:
+            key = (cell.sampler_label, cell.guidance, len(chunk))
+            if key not in compiled_shapes:
+                compiled_shapes.add(key)
+                if not any(len(w) == len(chunk) for w in warm):
+                    warm.append(chunk)
+        warm = [w for w in warm for _ in range(speed.warmup_rounds(cell.model))]
+    for chunk in warm:
         store.heartbeat(cell_dir, first)
-        extra = sample_batch(model, cell, shard[:bs], steps, conditions)
+        extra = sample_batch(model, cell, chunk, steps, conditions)
         timing_calls.append({**extra.stats, "size": len(extra.indices), "kind": "warmup"})
     batches = []
-    for b in range(0, len(shard), bs):
+    for chunk in chunks:
         store.heartbeat(cell_dir, first)
-        batches.append(sample_batch(model, cell, shard[b : b + bs], steps, conditions))
+        batches.append(sample_batch(model, cell, chunk, steps, conditions))
     return batches, timing_calls
 
 
@@ -380,7 +409,7 @@ def run_repeats(model: Any, jobs: list[RepeatJob]) -> None:
                 if k not in inputs:
                     inputs[k] = batch_inputs(model, job.cell, job.indices, job.conditions)
                 extra = run_batch(model, job.cell, inputs[k], job.steps)
-                calls[k].append({**extra.stats, "size": len(extra.indices)})
+                calls[k].append({"kind": "repeat", **extra.stats, "size": len(extra.indices)})
     for k, job in enumerate(jobs):
         if calls[k]:
             store.write_timing(job.cell_dir, job.indices[0], calls[k])
@@ -402,7 +431,7 @@ def _shard_arrays(
         "nfe": np.concatenate([np.full(len(b.indices), b.stats["nfe"], dtype=np.int64) for b in batches]),
     }
     # One entry per timed call: the shard's own batches, then its warm-up call (make_shard), if any.
-    calls = [(len(b.indices), b.stats, "sample") for b in batches] + [
+    calls = [(len(b.indices), b.stats, str(b.stats.get("kind", "sample"))) for b in batches] + [
         (int(st["size"]), st, str(st["kind"])) for st in timing_calls
     ]
     arrays |= {
@@ -411,6 +440,8 @@ def _shard_arrays(
         "batch_model_seconds": np.asarray([c[1]["model_seconds"] for c in calls], dtype=np.float64),
         "batch_decode_seconds": np.asarray([c[1]["decode_seconds"] for c in calls], dtype=np.float64),
         "batch_kind": np.asarray([c[2] for c in calls], dtype=str),
+        "batch_compiles": np.asarray([c[1].get("compiles", 0) for c in calls], dtype=np.int64),
+        "batch_compile_seconds": np.asarray([c[1].get("compile_seconds", 0.0) for c in calls], dtype=float),
     }
     if batches[0].images is not None:
         arrays["images"] = np.concatenate([b.images for b in batches])
@@ -519,6 +550,9 @@ def generate(
                 group = [t for t in group if t[3]]
                 if not group:
                     continue
+                # TF32 is process-wide; cells with other allow_tf32 have another model_hash (another group)
+                allow_tf32 = bool(group[0][0].config.get("allow_tf32", False))
+                tf32 = speed.set_tf32(allow_tf32)
                 start = time.perf_counter()
                 model = load_model(group[0][0].model, group[0][0].config["device"])
                 label = group[0][0].model_label
@@ -529,9 +563,11 @@ def generate(
                         "seconds": loads[label],
                         "device": describe_device(model.device),
                         "dtype": str(getattr(model, "model_dtype", model.dtype)),
+                        "speed": speed.describe(group[0][0].model, allow_tf32),
                     },
                 )
                 warmed: set[str] = set()  # samplers this process has warmed up
+                shapes: set[tuple[Any, ...]] = set()  # (sampler, guidance, batch size) compiled so far
                 repeats: list[RepeatJob] = []  # made after the model's shards, interleaved over its cells
                 threads = _cpu_threads(model)
                 for cell, cell_dir, size, starts, _ in group:
@@ -561,7 +597,7 @@ def generate(
                         cold = warm_up and cell.sampler["name"] not in warmed
                         warmed.add(cell.sampler["name"])
                         batches, timing_calls = make_shard(
-                            model, cell, cell_dir, shard, steps[cell], conditions, cold
+                            model, cell, cell_dir, shard, steps[cell], conditions, cold, shapes
                         )
                         count = timing_repeats(cell, s, size)
                         if count:
@@ -586,6 +622,7 @@ def generate(
                 progress.update(task, description=f"{label}: timing repeats")
                 run_repeats(model, repeats)
                 threads.restore()
+                tf32.restore()
             written += _drain(pending, progress, task, on_shard, block=True)
     finally:
         for cell_dir, s in held:

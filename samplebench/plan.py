@@ -195,7 +195,10 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     changed = [CONTENT_WHAT.get(k, k) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
     if not changed:
         keys = sorted(k for k in set(old) | set(new) if k != "content" and old.get(k) != new.get(k))
-        identity = ("model", "sampler", "schedule", "nfe", "guidance", "seed", "allow_lower_nfe", "prompts")
+        identity = (
+            *("model", "sampler", "schedule", "nfe", "guidance", "seed", "allow_lower_nfe", "prompts"),
+            "allow_tf32",
+        )
         changed = [f"{k}=" for k in keys if k in identity] or ["its config (made by an earlier samplebench?)"]
     return changed
 

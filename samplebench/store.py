@@ -78,7 +78,9 @@ def write_timing(cell_dir: Path, first: int, calls: list[dict[str, Any]]) -> Pat
         batch_seconds=np.asarray([c["seconds"] for c in calls], dtype=np.float64),
         batch_model_seconds=np.asarray([c["model_seconds"] for c in calls], dtype=np.float64),
         batch_decode_seconds=np.asarray([c["decode_seconds"] for c in calls], dtype=np.float64),
-        batch_kind=np.asarray(["repeat"] * len(calls)),
+        batch_kind=np.asarray([c.get("kind", "repeat") for c in calls]),  # "compiled": a call that compiled
+        batch_compiles=np.asarray([c.get("compiles", 0) for c in calls], dtype=np.int64),
+        batch_compile_seconds=np.asarray([c.get("compile_seconds", 0.0) for c in calls], dtype=np.float64),
     )
     path = cell_dir / f"timing-{first:08d}.npz"
     atomic_write_bytes(path, buf.getvalue())

@@ -79,6 +79,7 @@ TIMING_KEYS = (
     "batch_decode_seconds",
     "batch_kind",
     "batch_warmup",
+    "batch_compile_seconds",
 )
 
 
@@ -121,7 +122,8 @@ def timing_row(cell: store.CellRecord) -> dict[str, Any]:
     model_share = column("batch_model_seconds")[full].sum() / busy if busy else float("nan")
     rate_sampling, rate_decode = sampling[full] / sizes[full], decode[full] / sizes[full]
     rate_total = rate_sampling + rate_decode
-    warm = (kinds == "warmup") | (kinds == "warmup-batch")
+    # warm-up calls, and any call that compiled the network (model.compile: a shape no warm-up compiled)
+    warm = (kinds == "warmup") | (kinds == "warmup-batch") | (kinds == "compiled")
     info = cell.info
     flags = finite_flags(cell)
     return {
@@ -140,6 +142,7 @@ def timing_row(cell: store.CellRecord) -> dict[str, Any]:
         "sec_per_image_min": float(rate_total.min()),
         "sec_per_image_max": float(rate_total.max()),
         "warmup_seconds": float((sampling[warm] + decode[warm]).sum()),
+        "compile_seconds": float(column("batch_compile_seconds").sum()),  # within warmup_seconds
         "model_call_share": float(model_share),
         "timing_note": note,
     }

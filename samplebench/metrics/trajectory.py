@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from samplebench import cache, store
+from samplebench import cache, speed, store
 from samplebench.config import Cell, conf_dir
 from samplebench.errors import UsageError
 
@@ -34,8 +34,14 @@ def reference_cell(cell_info: dict[str, Any], sampler: str, nfe: int, schedule: 
             f"metrics.traj_mse.schedule={schedule} is unknown; use a name from `samplebench list schedules`"
         )
     schedule_cfg = OmegaConf.to_container(OmegaConf.load(sched_path))
+    # The reference runs eager, without the cell's speed switches (samplebench/speed.py): the same
+    # solve, shared with the switches-off cells, and no compile in the metrics stage.
+    model = cell_info["config"]["model"]
+    model = {**model, **{k: v for k, v in speed.MODEL_DEFAULTS.items() if k in model}}
     cfg = {
         **cell_info["config"],
+        "model": model,
+        "allow_tf32": False,
         "sampler": sampler_cfg,
         "schedule": schedule_cfg,
         "nfe": int(nfe),

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from samplebench import speed
 from samplebench.errors import UsageError
 from samplebench.models.base import NoiseSchedule, sigmas_from_alphas_cumprod, vp_denoise
 
@@ -235,6 +236,7 @@ class DiffusersModel:
         self.noise_schedule = NoiseSchedule("vp_discrete", self.train_sigmas)
         self._log_sigmas = self.train_sigmas.log().numpy()  # for sigma -> t on every call
         self.net = pipe.transformer if self.kind == "class" else pipe.unet
+        speed.apply(self.net, cfg, device, self.model_dtype)  # compile / channels_last / attention, if asked
         self.vae = getattr(pipe, "vae", None)
         if self.vae is not None and self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast"):
             self.vae.to(torch.float32)  # as the SDXL pipelines do: its fp16 VAE overflows to NaN

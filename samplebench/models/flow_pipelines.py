@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from samplebench import speed
 from samplebench.errors import UsageError
 from samplebench.models.base import flow_denoise, flow_schedule
 from samplebench.models.diffusers_models import _resolve_dtype, load_pipeline
@@ -137,6 +138,7 @@ class FlowPipelineModel:
         if self.net.dtype != self.model_dtype:
             # diffusers 0.42 leaves an SD3Transformer2DModel saved in fp32 in fp32 whatever torch_dtype says
             self.net.to(self.model_dtype)
+        speed.apply(self.net, cfg, device, self.model_dtype)  # compile / channels_last / attention, if asked
         self.vae = pipe.vae
         if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast"):
             self.vae.to(torch.float32)

@@ -290,6 +290,29 @@ def _notes(runs: list[RunProtocol]) -> str:
     return f'<h3>Definitions</h3><dl class="kv">{"".join(items)}</dl>' if items else ""
 
 
+def _switches_text(speed: Any) -> str:
+    """A generate record's speed switches (samplebench/speed.py) per model: the ones on, or "off"."""
+    if not isinstance(speed, Mapping):
+        return ""
+    parts = []
+    for model, sw in sorted(speed.items()):
+        if not isinstance(sw, Mapping):
+            continue
+        on = []
+        if sw.get("compile"):
+            on.append(f"compile ({sw.get('compile_mode')}, {sw.get('compile_backend')})")
+        if sw.get("channels_last"):
+            on.append("channels_last")
+        if sw.get("attention") not in (None, "default"):
+            on.append(f"attention={sw.get('attention')}")
+        flags = sw.get("torch_tf32") or {}
+        if flags.get("cuda.matmul.allow_tf32") or flags.get("cudnn.allow_tf32"):
+            matmul, cudnn = flags.get("cuda.matmul.allow_tf32"), flags.get("cudnn.allow_tf32")
+            on.append(f"tf32 (matmul {matmul}, cudnn {cudnn})")
+        parts.append(f"{model}: {', '.join(on) or 'off'}")
+    return "; ".join(parts)
+
+
 def _history(runs: list[RunProtocol]) -> str:
     """Every generate/metrics invocation recorded in provenance.json: when, what command, where."""
     rows = []
@@ -305,11 +328,12 @@ def _history(runs: list[RunProtocol]) -> str:
                     rec.get("host", ""),
                     ", ".join(map(str, devices)) if isinstance(devices, list) else devices,
                     rec.get("git_commit") or "",
+                    _switches_text(rec.get("speed")),
                 )
             )
     if not rows:
         return ""
-    headers = ["run", "time", "stage", "command", "host", "devices", "git commit"]
+    headers = ["run", "time", "stage", "command", "host", "devices", "git commit", "speed switches"]
     return "<h3>Provenance</h3>" + _table(headers, rows, caption="from provenance.json")
 
 
