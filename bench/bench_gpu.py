@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # this checkout's samplebench first
+
+from bench_generate import machine  # noqa: E402  (the machine line every BENCHMARKS.md figure carries)
 
 SECTION = "GPU benchmarks (bench/bench_gpu.py)"
 
@@ -165,7 +168,7 @@ class Sizes:
 
 
 FULL = Sizes("sd15", 16, 8, 20, 7.5, 3, 2048, 299, 64, "dinov2-vit-l-14", 1024, 3)
-SMOKE = Sizes("tiny", 2, 2, 4, 7.5, 1, 1, 64, 1, "dinov2-vit-s-14", 1, 1, warmup=False)
+SMOKE = Sizes("tiny", 2, 2, 4, 7.5, 1, 1, 64, 1, "dinov2-vit-s-14", 1, 1, ("dpmpp",), warmup=False)
 
 
 @dataclass
@@ -175,6 +178,7 @@ class Clock:
     budget_s: float
     start: float = field(default_factory=time.perf_counter)
     notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -281,10 +285,20 @@ def build_sd(folder: Path, sizes: Sizes, device: torch.device, dtype: torch.dtyp
     if sizes.sd != "sd15":
         text_cfg = text_cfg | {"vocab_size": len(tokenizer)}
     torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**vae_cfg)
-        text = CLIPTextModel(CLIPTextConfig(**text_cfg, **ids))
+
+    def make(where: torch.device) -> tuple[Any, Any, Any]:
+        with torch.device(where):
+            return (
+                UNet2DConditionModel(**unet_cfg),
+                AutoencoderKL(**vae_cfg),
+                CLIPTextModel(CLIPTextConfig(**text_cfg, **ids)),
+            )
+
+    try:
+        unet, vae, text = make(device)
+    except Exception as e:  # noqa: BLE001 - a library that cannot initialise on the GPU: the CPU is slower, not wrong
+        print(f"building on {device} failed ({e!r}); building on the CPU", file=sys.stderr)
+        unet, vae, text = make(torch.device("cpu"))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
@@ -474,11 +488,13 @@ def part_compile(
     head = ["### torch.compile in samplebench (model.compile)", ""]
     sampler = sizes.samplers[0]
     switch = ["model.compile=true"] + ([f"model.compile_mode={mode}"] if mode else [])
+    timing = []
     if smoke:  # dynamo's tracing without inductor's code generation (minutes on a CPU even for the tiny UNet)
         switch.append("model.compile_backend=eager")
+        timing = ["timing.repeats=1"]  # the warm-up call and one timed call
 
     def overrides(run: str, extra: list[str]) -> list[str]:
-        return [*sb_overrides(path, sizes, sampler, device, tmp / "results", run), *extra]
+        return [*sb_overrides(path, sizes, sampler, device, tmp / "results", run), *timing, *extra]
 
     try:
         plan(overrides("compile-check", switch))
@@ -492,10 +508,11 @@ def part_compile(
     lines = [
         *head,
         f"`sampler={sampler}`, {sizes.images} images in batches of {sizes.batch}, NFE {sizes.nfe}, one "
-        f"`generate` call each, off first, then `{' '.join(switch)}`, samplebench's default timing "
-        "(an untimed warm-up call, then timed calls). *Warm-up call* is samplebench's record of that first "
-        "call (where a lazy compile lands); *steady* is its median per-call sampling time over the timed "
-        "calls (metrics.run.timing_row); *load* is its model load (where an eager compile would land).",
+        f"`generate` call each, off first, then `{' '.join(switch)}`, samplebench's default timing"
+        f"{''.join(' ' + t for t in timing)} (an untimed warm-up call, then timed calls). *Warm-up call* is "
+        "samplebench's record of that first call (where a lazy compile lands); *steady* is its median "
+        "per-call sampling time over the timed calls (metrics.run.timing_row); *load* is its model load "
+        "(where an eager compile would land).",
         "",
         "| model.compile | warm-up call s | load s | steady s/image | steady images/s "
         "| generate wall s (load excluded) |",
@@ -730,6 +747,27 @@ def part_features(sizes: Sizes, device: torch.device, tmp: Path, clock: Clock) -
 # --- the section ---------------------------------------------------------------------------------------
 
 
+PART_TITLES = {"generate": "part 1", "features": "part 2", "compile": "part 3"}
+
+
+def guarded(part: str, parts: list[str], clock: Clock, run: Callable[[], list[str]]) -> list[str]:
+    """A part's lines (and a blank line), or nothing when not asked for or over budget, or a FAILED line
+    (traceback on stderr) when it raised."""
+    what = f"{PART_TITLES[part]} ({part})"
+    if part not in parts or not clock.fits(what):
+        return []
+    log(clock, what)
+    try:
+        lines = run()
+    except Exception as e:  # noqa: BLE001 - reported in the section; main() exits 1
+        traceback.print_exc()
+        clock.failures.append(f"{what} FAILED: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        return [f"**{clock.failures[-1]}**", ""]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [*lines, ""]
+
+
 def versions() -> str:
     import diffusers
     import timm
@@ -825,6 +863,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         write = False
     clock = Clock(args.budget_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # torch-fidelity's loop moves batches with .cuda(): the current device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     log(clock, f"{device_name(device)}; {'smoke' if smoke else 'full'} sizes; parts {', '.join(parts)}")
 
@@ -835,18 +875,27 @@ def main(argv: list[str] | None = None) -> int:
         build_s = 0.0
         if {"generate", "compile"} & set(parts) and path is None:
             log(clock, f"building the random {sizes.sd} pipeline")
-            build_s, path = timed(device, lambda: build_sd(tmp / "sd", sizes, device, dtype))
+            try:
+                build_s, path = timed(device, lambda: build_sd(tmp / "sd", sizes, device, dtype))
+            except Exception as e:  # noqa: BLE001 - the feature part needs no pipeline: it still runs
+                traceback.print_exc()
+                clock.failures.append(f"building the pipeline FAILED: {type(e).__name__}: {e}"[:300])
+                body += [f"**{clock.failures[-1]}** (parts generate and compile not run)", ""]
+                parts = [p for p in parts if p == "features"]
         # Features first: a samplebench run may switch global flags (TF32) that the extractors would inherit.
-        feat = (
-            part_features(sizes, device, tmp, clock) if "features" in parts and clock.fits("part 2") else []
+        # A part that fails is reported in the section and the others still run: a lent GPU is one try.
+        feat = guarded("features", parts, clock, lambda: part_features(sizes, device, tmp, clock))
+        body += guarded(
+            "generate", parts, clock, lambda: part_generate(path, sizes, device, dtype, tmp, clock)
         )
-        if "generate" in parts and clock.fits("part 1"):
-            log(clock, "part 1: samplebench generate vs bare diffusers")
-            body += part_generate(path, sizes, device, dtype, tmp, clock) + [""]
-        body += feat + ([""] if feat else [])
-        if "compile" in parts:
-            log(clock, "part 3: compile")
-            body += part_compile(path, sizes, device, tmp, clock, args.compile_mode, smoke) + [""]
+        body += feat
+        compile_mode = args.compile_mode
+        body += guarded(
+            "compile",
+            parts,
+            clock,
+            lambda: part_compile(path, sizes, device, tmp, clock, compile_mode, smoke),
+        )
 
     model = (
         f"`--model-path {args.model_path}`"
@@ -862,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`.venv/bin/python bench/bench_gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
         f" in {clock.elapsed():.0f} s{' (SMOKE sizes: the figures say nothing about speed)' * smoke}.",
         "",
+        f"Machine: {machine()}.",
         f"Versions: {versions()}.",
         f"Model: {model}. Throughput does not depend on the weights' values.",
         "",
@@ -872,8 +922,8 @@ def main(argv: list[str] | None = None) -> int:
     if write:
         write_section(args.out, section)
         log(clock, f"wrote the section '{SECTION}' to {args.out}")
-    log(clock, "done")
-    return 0
+    log(clock, "done" if not clock.failures else f"done, with failures: {'; '.join(clock.failures)}")
+    return 1 if clock.failures else 0
 
 
 if __name__ == "__main__":
