@@ -656,14 +656,14 @@ def part_features(sizes: Sizes, device: torch.device, tmp: Path, clock: Clock) -
             tf_net, images, bs, device
         ),
     }
-    log(clock, f"part 2: Inception, {n} images at {sizes.feature_px} px")
+    log(clock, f"part 2: Inception, {n} image(s) at {sizes.feature_px} px")
     t_inc = interleaved(inception, sizes.feature_repeats, device, clock, "part 2 (Inception)", sizes.warmup)
 
     lines = [
         "### Feature extraction throughput",
         "",
-        f"{n} random uint8 images at {sizes.feature_px} px held in memory, batch {bs}, float32 networks "
-        f"(torch defaults: cuDNN TF32 {torch.backends.cudnn.allow_tf32}, matmul TF32 "
+        f"{n} random uint8 image{'s' * (n != 1)} at {sizes.feature_px} px held in memory, batch {bs}, "
+        f"float32 networks (torch defaults: cuDNN TF32 {torch.backends.cudnn.allow_tf32}, matmul TF32 "
         f"{torch.backends.cuda.matmul.allow_tf32}), {rounds(sizes.feature_repeats, sizes.warmup)}; "
         "network construction not timed. Inception: torch-fidelity's "
         "FeatureExtractorInceptionV3 (inception-v3-compat, TF1 bilinear resize to 299 inside) loaded from a "
@@ -709,7 +709,7 @@ def part_features(sizes: Sizes, device: torch.device, tmp: Path, clock: Clock) -
                 hf_forward, sub, bs, device
             ),
         }
-        log(clock, f"part 2: DINOv2 {sizes.dino}, {len(sub)} images")
+        log(clock, f"part 2: DINOv2 {sizes.dino}, {len(sub)} image(s)")
         t_dino = interleaved(dino, sizes.feature_repeats, device, clock, "part 2 (DINOv2)", sizes.warmup)
         for name, ts in t_dino.items():
             dino_lines.append(
