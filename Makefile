@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 RUN    ?= demo
 ARGS   ?=
 
-.PHONY: install browser demo test lint sweep report check bench clean
+.PHONY: install browser demo test lint sweep report check bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,9 @@ bench: install ## benchmarks (not tests); figures go to BENCHMARKS.md
 	$(BIN)/python bench/bench_papers.py  # the papers' samplers against their bases on the analytic model
 	$(BIN)/python bench/bench_features.py --n 1000 10000  # about an hour on 2 CPU cores
 	$(BIN)/python bench/bench_metrics_memory.py  # 10-30 min on 2 CPU cores (exact-ODE references of 110k samples)
+
+bench-gpu: install ## GPU figures in one command (< 10 min on an H100, offline); writes its BENCHMARKS.md section
+	$(BIN)/python bench/bench_gpu.py $(ARGS)
 
 clean:
 	find results -mindepth 1 -maxdepth 1 ! -name baselines ! -name README.md -exec rm -rf {} +
