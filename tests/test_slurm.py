@@ -33,6 +33,8 @@ FAST = ["launcher=slurm", "launcher.poll_s=1"]
 @pytest.fixture(scope="module")
 def cluster():
     why = slurm_cluster.why_unavailable()
+    if why and os.environ.get("SAMPLEBENCH_REQUIRE_SLURM"):  # .ci/run: CI installs Slurm, so it must run
+        pytest.fail(f"SAMPLEBENCH_REQUIRE_SLURM is set but {why}")
     if why:
         print(f"skipping the Slurm tests: {why}")
         pytest.skip(why)

@@ -112,3 +112,23 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, single):
     got = samples(run)
     for key, value in single.items():
         np.testing.assert_array_equal(got[key], value)
+
+
+def test_dead_claims_of_written_shards_are_dropped(tmp_path):
+    """A worker SIGKILLed between writing a shard and releasing its claim leaves a claim no one takes over
+    (the shard is done); the next generate drops it. A live worker's claim, and a dead worker's claim of
+    a shard not yet written (taken over by the claim logic instead), are left alone."""
+    import socket
+
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    for first in (0, 50):
+        store.write_shard(cell, first, {"indices": np.arange(first, first + 50)})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    claims = {0: dead.pid, 50: os.getpid(), 100: dead.pid}  # done+dead, done+alive, not written+dead
+    for first, pid in claims.items():
+        store.claim_path(cell, first).write_text(json.dumps({"worker": "w", "host": host, "pid": pid}))
+    store.drop_dead_claims(cell, timeout=600)
+    assert sorted(p.name for p in cell.glob(".claim-*")) == [".claim-00000050", ".claim-00000100"]
