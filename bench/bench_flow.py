@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_generate import machine  # noqa: E402
+from bench_generate import machine, write_section  # noqa: E402
 
 from samplebench.config import conf_dir  # noqa: E402
 from samplebench.errors import UsageError  # noqa: E402
@@ -170,14 +170,7 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if args.write is not None:
-        text = args.write.read_text()
-        if TITLE in text:
-            head, _, rest = text.partition(TITLE)
-            nxt = rest.find("\n## ")
-            text = head + section + (rest[nxt + 1 :] if nxt >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        args.write.write_text(text)
+        write_section(args.write, TITLE, section)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,21 @@ def machine() -> str:
     )
 
 
+def write_section(path: Path, heading: str, section: str) -> None:
+    """Replace BENCHMARKS.md's section headed `heading` (up to the next `## ` heading) with `section`, or
+    append it at the end: every benchmark rewrites only its own figures."""
+    old = path.read_text().splitlines() if path.exists() else []
+    new = section.rstrip("\n").splitlines()
+    if heading in old:
+        i = old.index(heading)
+        j = next((k for k in range(i + 1, len(old)) if old[k].startswith("## ")), len(old))
+        tail = [""] + old[j:] if j < len(old) else []
+        lines = old[:i] + new + tail
+    else:
+        lines = old + ([""] if old and old[-1].strip() else []) + new
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(extra: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "samplebench.cli", "sweep", "run=bench", f"results_dir={tmp}", *extra]

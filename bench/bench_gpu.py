@@ -45,7 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # this checkout's samplebench first
 
-from bench_generate import machine  # noqa: E402  (the machine line every BENCHMARKS.md figure carries)
+from bench_generate import machine  # noqa: E402
+from bench_generate import write_section as shared_write_section  # noqa: E402  (the machine line every BENCHMARKS.md figure carries)
 
 SECTION = "GPU benchmarks (bench/bench_gpu.py)"
 
@@ -791,18 +792,8 @@ def device_name(device: torch.device) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace the section headed `## SECTION` (up to the next `## ` heading) or append it at the end."""
-    heading = f"## {SECTION}"
-    old = path.read_text().splitlines() if path.exists() else []
-    new = section.rstrip("\n").splitlines()
-    if heading in old:
-        i = old.index(heading)
-        j = next((k for k in range(i + 1, len(old)) if old[k].startswith("## ")), len(old))
-        tail = [""] + old[j:] if j < len(old) else []
-        lines = old[:i] + new + tail
-    else:
-        lines = old + ([""] if old and old[-1].strip() else []) + new
-    path.write_text("\n".join(lines) + "\n")
+    """This benchmark's section of BENCHMARKS.md, replaced in place or appended (bench_generate)."""
+    shared_write_section(path, f"## {SECTION}", section)
 
 
 def pick_device(name: str, smoke: bool) -> tuple[torch.device, bool]:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import slurm_cluster  # noqa: E402
 import tiny_models  # noqa: E402
-from bench_generate import machine  # noqa: E402
+from bench_generate import machine, write_section  # noqa: E402
 
 TITLE = "## Scaling out: workers=2 and Slurm jobs=2 against one worker (bench/bench_scaling.py)"
 CONFIGS: dict[str, tuple[list[str], dict[str, str]]] = {
@@ -116,14 +116,7 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if args.write is not None:
-        text = args.write.read_text()
-        if TITLE in text:
-            head, _, rest = text.partition(TITLE)
-            nxt = rest.find("\n## ")
-            text = head + section + (rest[nxt + 1 :] if nxt >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        args.write.write_text(text)
+        write_section(args.write, TITLE, section)
 
 
 if __name__ == "__main__":

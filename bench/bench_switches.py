@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import tiny_models  # noqa: E402
-from bench_generate import machine  # noqa: E402
+from bench_generate import machine, write_section  # noqa: E402
 
 from samplebench import speed  # noqa: E402
 from samplebench.config import plan  # noqa: E402
@@ -226,14 +226,7 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if args.write is not None:
-        text = args.write.read_text()
-        if TITLE in text:
-            head, _, rest = text.partition(TITLE)
-            nxt = rest.find("\n## ")
-            text = head + section + (rest[nxt + 1 :] if nxt >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        args.write.write_text(text)
+        write_section(args.write, TITLE, section)
 
 
 if __name__ == "__main__":
