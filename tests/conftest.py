@@ -10,5 +10,6 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def gmm() -> GaussianMixtureModel:
-    """The default analytic model (16-d, 8 components, Stable Diffusion's schedule)."""
+    """The classic analytic model (MixtureSpec()'s defaults, `model.preset=classic`: 16-d, 8 components,
+    Stable Diffusion's schedule); the sweep's default preset is `image` (tests/test_presets.py)."""
     return GaussianMixtureModel(MixtureSpec(), torch.device("cpu"))

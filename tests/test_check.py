@@ -7,6 +7,9 @@ import pytest
 from cli_run import cli  # tests/cli_run.py
 
 BASELINE = Path(__file__).resolve().parents[1] / "results" / "baselines" / "gmm-small.csv"
+# The same sweep's baseline as committed before presets existed (model=gmm was then the classic mixture),
+# its rows relabelled gmm[preset=classic]: what `model.preset=classic` must still reproduce.
+CLASSIC = BASELINE.with_name("gmm-classic-small.csv")
 SWEEP = ["sampler=ddim,dpmpp,unipc", "nfe=5,10", "guidance=1,2", "num_images=500", "metrics.bootstrap=200"]
 
 
@@ -26,6 +29,14 @@ def test_the_committed_baseline_passes(run):
     # The same small analytic sweep CI runs: it must reproduce the committed numbers.
     r = check(run, BASELINE)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "check passed: 36 rows" in " ".join(r.stdout.split())
+
+
+def test_the_classic_preset_reproduces_the_baseline_of_earlier_versions(tmp_path):
+    r = cli("sweep", *SWEEP, "model.preset=classic", "run=ci-check", f"results_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    r = check(tmp_path, CLASSIC)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert "check passed: 24 rows" in " ".join(r.stdout.split())
 
 
@@ -44,7 +55,7 @@ def test_an_injected_regression_fails_with_a_table(run, tmp_path):
         df.to_csv(metrics, index=False)
         r = check(run, baseline)
         assert r.returncode == 1
-        assert "1 of 24 rows regressed" in " ".join(r.stdout.split())
+        assert "1 of 36 rows regressed" in " ".join(r.stdout.split())
         assert "dpmpp" in r.stdout and "traj_err" in r.stdout
         assert check(run, baseline, "--tolerance", "rel=0.25").returncode == 0  # within a looser tolerance
         assert check(run, baseline, "--tolerance", "ci").returncode == 1  # outside the baseline's interval

@@ -114,14 +114,16 @@ def test_sweep_end_to_end(tmp_path):
         "sec_per_image_min",
         "sec_per_image_max",
     ]
-    assert len(df) == 2 * 2 * 2 * 2
+    assert len(df) == 2 * 2 * 2 * 3  # samplers x NFE x guidance x (fd_exact, traj_err, mmd_exact)
     assert (df["nfe"] == df["nfe_actual"]).all() and (df["n_images"] == 200).all()
     assert (df["ci_low"] <= df["value"]).all() and (df["value"] <= df["ci_high"]).all()
     te = df[df.metric == "traj_err"].set_index(["sampler", "nfe", "guidance"])["value"]
     assert te["dpmpp", 10, 1.0] < te["ddim", 10, 1.0]
+    mmd = df[df.metric == "mmd_exact"].set_index(["sampler", "nfe", "guidance"])
+    assert mmd.loc[("dpmpp", 10, 1.0), "ci_high"] < mmd.loc[("ddim", 10, 1.0), "ci_low"]
     board = (run / "leaderboard.md").read_text()
-    assert board.count("### gmm · ") == 4 and board.count("### best sampler per budget") == 4
-    for png in ["traj_err_vs_nfe.png", "traj_err_vs_time.png", "fd_exact_vs_nfe.png"]:
+    assert board.count("### gmm · ") == 6 and board.count("### best sampler per budget") == 6
+    for png in ["traj_err_vs_nfe.png", "traj_err_vs_time.png", "fd_exact_vs_nfe.png", "mmd_exact_vs_nfe.png"]:
         assert (run / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     assert "metrics.csv" in r.stderr and "leaderboard.md" in r.stderr
     # The stages run alone on what the sweep left: metrics again changes nothing.
@@ -139,7 +141,7 @@ def test_report_merges_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     merged = tmp_path / "old+new"
     df = pd.read_csv(merged / "metrics.csv")
-    assert set(df.sampler) == {"ddim", "unipc"} and len(df) == 2 * 2 * 2
+    assert set(df.sampler) == {"ddim", "unipc"} and len(df) == 2 * 2 * 3
     board = (merged / "leaderboard.md").read_text()
     assert "| ddim · karras |" in board and "| unipc · karras |" in board
     page = (merged / "report" / "index.html").read_text()

@@ -155,9 +155,9 @@ def all_nan_analytic_cells(w):
     df = pd.read_csv(w["results"] / "nonfinite" / "metrics.csv")
     bad = df[df.guidance == 1e300].set_index(["sampler", "metric"])
     assert (bad.loc[(slice(None), "nonfinite_frac"), "value"] == 1.0).all()
-    assert bad.loc[(slice(None), ["fd_exact", "traj_err"]), "value"].isna().all()
+    assert bad.loc[(slice(None), ["fd_exact", "traj_err", "mmd_exact"]), "value"].isna().all()
     good = df[(df.guidance == 1) & (df.metric != "nonfinite_frac")]
-    assert len(good) == 4 and np.isfinite(good.value).all()
+    assert len(good) == 6 and np.isfinite(good.value).all()
     assert "non-finite" in (w["results"] / "nonfinite" / "leaderboard.md").read_text()
 
 

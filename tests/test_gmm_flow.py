@@ -129,7 +129,7 @@ def test_flow_denoiser_is_the_gmm_denoiser(models):
 
 
 def test_sweep_scores_gmm_flow_with_traj_err_and_fd_exact(tmp_path, models):
-    """A sweep through the CLI: gmm_flow on schedule=flow gives traj_err and fd_exact rows; the
+    """A sweep through the CLI: gmm_flow on schedule=flow gives traj_err, fd_exact and mmd_exact rows; the
     flow_euler cell's traj_err is the RMS distance of its stored samples to the gmm's diffusion ODE
     solved independently here (log sigma, from sigma = 1e8), to 1e-6 relative (the reference solves
     agree to ~1e-8, traj_err is ~0.1)."""
@@ -150,8 +150,8 @@ def test_sweep_scores_gmm_flow_with_traj_err_and_fd_exact(tmp_path, models):
     assert r.returncode == 0, r.stderr[-2000:]
     m = pd.read_csv(tmp_path / "f" / "metrics.csv")
     m = m[m.model.str.startswith("gmm_flow")]
-    assert set(m.metric) >= {"traj_err", "fd_exact"}
-    assert np.isfinite(m.value).all() and len(m) == 4
+    assert set(m.metric) == {"traj_err", "fd_exact", "mmd_exact"}
+    assert np.isfinite(m.value).all() and len(m) == 6
     gmm, flow = models
     cell = next(
         c for c in store.find_cells(tmp_path / "f") if c.info["sampler_label"].split(" ")[0] == "flow_euler"

@@ -85,7 +85,7 @@ def test_metrics_of_every_other_cell_are_computed(sweep):
     df = pd.read_csv(root / "nonfinite" / "metrics.csv")
     for cell in CLEAN:
         rows = _rows(df, cell)
-        assert set(rows.index) == {"fd_exact", "traj_err"}, cell  # no non-finite row for a clean cell
+        assert set(rows.index) == {"fd_exact", "traj_err", "mmd_exact"}, cell  # no non-finite row: clean
         assert rows["value"].notna().all() and (rows["n_images"] == N).all()
         assert rows["ci_low"].notna().all() and rows["ci_high"].notna().all()
 
@@ -93,7 +93,7 @@ def test_metrics_of_every_other_cell_are_computed(sweep):
 def test_an_all_nan_cell_is_recorded_without_values(sweep):
     df = pd.read_csv(sweep[0] / "nonfinite" / "metrics.csv")
     rows = _rows(df, ALL_NAN)
-    for metric in ("fd_exact", "traj_err"):
+    for metric in ("fd_exact", "traj_err", "mmd_exact"):
         assert math.isnan(rows.at[metric, "value"]) and rows.at[metric, "n_images"] == 0
     assert rows.at["nonfinite_frac", "value"] == 1.0 and rows.at["nonfinite_frac", "n_images"] == N
 
@@ -102,13 +102,15 @@ def test_a_half_nan_cell_is_scored_on_its_finite_samples(sweep):
     root = sweep[0]
     df = pd.read_csv(root / "nonfinite" / "metrics.csv")
     rows = _rows(df, HALF_NAN)
-    for metric in ("fd_exact", "traj_err"):
+    for metric in ("fd_exact", "traj_err", "mmd_exact"):
         assert math.isfinite(rows.at[metric, "value"]) and rows.at[metric, "n_images"] == N // 2
     assert rows.at["nonfinite_frac", "value"] == 0.5 and rows.at["nonfinite_frac", "n_images"] == N
     # Per-image values keep their sample indices (the odd ones), so paired tests pair the same images.
     per = pd.read_parquet(root / "nonfinite" / "per_image.parquet")
-    kept = per[(per.sampler == f"{HALF_NAN[0]} · karras") & (per.nfe == HALF_NAN[1])]["index"]
-    assert sorted(kept) == list(range(1, N, 2))
+    cell = per[(per.sampler == f"{HALF_NAN[0]} · karras") & (per.nfe == HALF_NAN[1])]
+    assert set(cell.metric) == {"traj_err", "mmd_exact"}
+    for metric in ("traj_err", "mmd_exact"):
+        assert sorted(cell[cell.metric == metric]["index"]) == list(range(1, N, 2))
     paired = pd.read_csv(root / "nonfinite" / "paired.csv")
     assert (paired[paired.nfe == 5]["n_images"] == N // 2).all()
     assert paired[paired.nfe == 10].empty  # ddim has no finite sample at NFE 10: nothing to pair

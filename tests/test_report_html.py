@@ -276,8 +276,8 @@ def test_page_content(report_page: Path, gmm_run: Path) -> None:
 def test_every_image_is_a_relative_file_beside_the_page(report_page: Path) -> None:
     text = report_page.read_text()
     sources = re.findall(r'<img[^>]*\bsrc="([^"]+)"', text)
-    # 4 Pareto plots + 2 projections + 2 image grids.
-    assert len(sources) == 8
+    # 6 Pareto plots (fd_exact, traj_err, mmd_exact against NFE and time) + 2 projections + 2 image grids.
+    assert len(sources) == 10
     root = report_page.parent.resolve()
     for src in sources:
         src = html_lib.unescape(src)
@@ -302,6 +302,6 @@ def test_page_loads_every_image_in_headless_chromium(report_page: Path, tmp_path
     shutil.rmtree(report_page.parent / "assets")  # the originals' copies are gone: only `moved` has them
     try:
         dom = _dump_dom(moved / "index.html", tmp_path / "profile2")
-        assert 'data-images-loaded="8"' in dom and 'data-images-total="8"' in dom
+        assert 'data-images-loaded="10"' in dom and 'data-images-total="10"' in dom
     finally:
         shutil.copytree(moved / "assets", report_page.parent / "assets")

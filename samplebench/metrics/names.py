@@ -1,6 +1,6 @@
 """Metric names, importable without torch (the planner checks them before any work starts)."""
 
-ANALYTIC = ("fd_exact", "traj_err")
+ANALYTIC = ("fd_exact", "traj_err", "mmd_exact")
 IMAGE = (
     "fid",
     "kid",

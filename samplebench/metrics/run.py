@@ -184,14 +184,16 @@ def _score_gmm(
             "bootstrap bias-corrected (2 T - mean of resampled T)",
             "interval": f"basic bootstrap over samples, {reps} resamples",
         }
-    if "traj_err" in names:
+    against_exact = [m for m in ("traj_err", "mmd_exact") if m in names]
+    if against_exact:
         try:
-            _traj_err_rows(out, cell, model, info, cache_dir, rtol, reps, floors_out)
+            _traj_err_rows(out, cell, model, info, cache_dir, rtol, reps, floors_out, names, cfg)
         except ReferenceSolveError as e:
             nan = float("nan")
-            out.rows.append(dict(metric="traj_err", value=nan, ci_low=nan, ci_high=nan))
-            out.protocols["traj_err"] = {"excluded": f"not computed: {e}"}
-            out.warnings.append(f"traj_err not computed: {e}; the cell's other metrics are")
+            for metric in against_exact:
+                out.rows.append(dict(metric=metric, value=nan, ci_low=nan, ci_high=nan))
+                out.protocols[metric] = {"excluded": f"not computed: {e}"}
+                out.warnings.append(f"{metric} not computed: {e}; the cell's other metrics are")
     return out
 
 
@@ -204,9 +206,12 @@ def _traj_err_rows(
     rtol: float,
     reps: int,
     floors_out: dict[str, float],
+    names: tuple[str, ...] | list[str] = ("traj_err",),
+    cfg: dict[str, Any] | None = None,
 ) -> None:
-    """traj_err's row, per-sample values and protocol for a cell of the analytic model."""
-    errs, floors, kept = [], [], []
+    """The rows, per-sample values and protocols of the metrics measured against the exact ODE's
+    endpoints (traj_err, mmd_exact) for a cell of the analytic model."""
+    errs, floors, kept, generated, exact = [], [], [], [], []
     n = int(cell.info["num_images"])
     # The exact solve starts where the cell's grid starts (shared by every grid that starts at sigma_max).
     start = (cell.info.get("sigmas") or [None])[0]
@@ -234,13 +239,21 @@ def _traj_err_rows(
         )
         errs.append(analytic.per_sample_traj_err(shard["samples"][keep], ref[keep]))
         floors.append(analytic.per_sample_traj_err(floor[keep], ref[keep]))
+        if "mmd_exact" in names:
+            generated.append(shard["samples"][keep])
+            exact.append(ref[keep])
         del shard, ref, floor
         release_freed_memory()  # the solve's freed buffers, before the next shard's solve
     per = np.concatenate(errs)
+    out.indices = np.concatenate(kept)
+    if "mmd_exact" in names:
+        _mmd_rows(out, model, np.concatenate(generated), np.concatenate(exact), cfg or {}, reps)
+        del generated, exact
+    if "traj_err" not in names:
+        return
     value, lo, hi = analytic.traj_err(per, reps)
     out.rows.append(dict(metric="traj_err", value=value, ci_low=lo, ci_high=hi))
     out.per_image["traj_err"] = per
-    out.indices = np.concatenate(kept)
     floor = float(np.concatenate(floors).mean())
     if flow:
         t_f = floor_level / (1 + floor_level) if floor_level is not None else float("nan")
@@ -265,6 +278,38 @@ def _traj_err_rows(
         f"solution (scipy DOP853, rtol=atol={rtol}) from the same x_T and condition",
         "schedule_floor": floor_text,
         "interval": f"percentile bootstrap over samples, {reps} resamples",
+    }
+
+
+def _mmd_rows(
+    out: Any, model: Any, generated: np.ndarray, exact: np.ndarray, cfg: dict[str, Any], reps: int
+) -> None:
+    """mmd_exact's row, per-sample values (psi_i, analytic.coupled_mmd) and protocol."""
+    from samplebench.metrics.stats import mean_ci
+
+    width = (cfg.get("mmd") or {}).get("bandwidth", "auto")
+    h = analytic.mmd_bandwidth(model) if width in (None, "auto") else float(width)
+    if len(generated) < 2:
+        nan = float("nan")
+        out.rows.append(dict(metric="mmd_exact", value=nan, ci_low=nan, ci_high=nan))
+        out.protocols["mmd_exact"] = {"excluded": "not computed: fewer than two finite samples"}
+        return
+    value, psi = analytic.coupled_mmd(generated, exact, h)
+    _, lo, hi = mean_ci(psi, reps)
+    out.rows.append(dict(metric="mmd_exact", value=value, ci_low=lo, ci_high=hi))
+    out.per_image["mmd_exact"] = psi
+    out.protocols["mmd_exact"] = {
+        "definition": "unbiased squared MMD, Gaussian kernel exp(-|x - y|^2 / (2 h^2)), between the samples "
+        "and the exact ODE endpoints from the same x_T and condition (the traj_err reference: exact draws of "
+        "the exact model), cross terms over pairs of different seeds only",
+        "bandwidth": f"h = {h:.6g}"
+        + (
+            " (auto: h^2 = 2 sum_k pi_k tr S_k, the mean squared distance between two draws of one component)"
+            if width in (None, "auto")
+            else " (metrics.mmd.bandwidth)"
+        ),
+        "interval": f"percentile bootstrap of the mean of per-sample values psi_i (estimate plus influence "
+        f"function), {reps} resamples",
     }
 
 

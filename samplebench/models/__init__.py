@@ -26,7 +26,7 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-# The exact analytic models (no network, no weights): their metrics are fd_exact and traj_err.
+# The exact analytic models (no network, no weights): their metrics are fd_exact, traj_err and mmd_exact.
 ANALYTIC_MODELS = ("gmm", "gmm_flow")
 
 
@@ -35,14 +35,16 @@ def is_analytic(name: str) -> bool:
 
 
 def mixture_spec(cfg: dict[str, Any]) -> Any:
-    """The MixtureSpec of an analytic model's config: its keys less the plan-level ones every model
-    config may carry (name, dtype, default_schedule, guidance_kind)."""
-    from samplebench.models.gmm import MixtureSpec
+    """The MixtureSpec of an analytic model's config: its preset (`model.preset`), then its non-null keys,
+    less the plan-level ones every model config may carry (name, dtype, default_schedule, guidance_kind)."""
+    from samplebench.models.gmm import DEFAULT_PRESET, MODEL_PRESETS, resolve_spec
 
     plan_keys = ("name", "dtype", "default_schedule", "guidance_kind")
     fields = {k: v for k, v in cfg.items() if k not in plan_keys}
+    if fields.get("preset") is None:
+        fields["preset"] = MODEL_PRESETS.get(str(cfg.get("name")), DEFAULT_PRESET)
     try:
-        return MixtureSpec(**fields)
+        return resolve_spec(fields)
     except TypeError as e:
         name = cfg.get("name")
         raise UsageError(f"model={name}: {e}; see conf/model/{name}.yaml for its keys") from e

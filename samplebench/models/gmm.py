@@ -28,16 +28,18 @@ from samplebench.errors import UsageError
 from samplebench.models.base import NoiseSchedule, flow_denoise, flow_schedule, sigmas_from_alphas_cumprod
 from samplebench.seeds import STREAM_CONDITION, generator
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "vp_sde")
+SPECTRA = ("uniform", "log_spaced")
 
 
 @dataclass(frozen=True)
 class MixtureSpec:
-    """The mixture and its noise schedule, as configured under `model.`."""
+    """The mixture and its noise schedule, as configured under `model.` (a preset's values, then the
+    keys given on the command line; PRESETS below). The field defaults are the `classic` preset."""
 
     dim: int = 16
     components: int = 8
-    spread: float = 3.0  # standard deviation of the component means
+    spread: float = 3.0  # standard deviation of the component means (of the top level of `tree`)
     scale: float = 1.0  # largest standard deviation inside a component
     min_scale: float = 0.5  # smallest standard deviation inside a component
     seed: int = 0
@@ -46,6 +48,136 @@ class MixtureSpec:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     shift: float = 1.0  # gmm_flow: the static time shift of its flow schedule (SD3: 3.0)
+    preset: str = "classic"
+    # Means on a tree: level l adds N(0, tree[l]^2 I) per child, `branch` children per node, so
+    # components = branch ** len(tree) and the mixture has structure at every scale of `tree`.
+    tree: tuple[float, ...] | None = None
+    branch: int = 4
+    # "uniform": each direction's std drawn log-uniformly in [min_scale, scale] (classic);
+    # "log_spaced": the dim stds of a component spaced evenly in log from scale down to min_scale
+    # (each jittered by a factor e^U(-0.2, 0.2)), so that every noise level in between has structure.
+    spectrum: str = "uniform"
+    sigma_min: float = 0.002  # beta_schedule=vp_sde: the smallest and largest training noise levels
+    sigma_max: float = 80.0
+
+
+# Named mixtures (`model.preset=`). `classic` is the mixture of samplebench <= 0.x: its draws are
+# unchanged, so results and baselines made before presets existed are reproduced with
+# model.preset=classic. `image` is the default: built so that samplers rank as they do on image models
+# (bench/bench_calibration.py, BENCHMARKS.md "Calibration"): structure at every noise level (a tree of
+# means and log-spaced component spectra), on EDM's VP noise range [0.002, 80].
+PRESETS: dict[str, dict[str, Any]] = {
+    "classic": dict(
+        dim=16,
+        components=8,
+        spread=3.0,
+        scale=1.0,
+        min_scale=0.5,
+        tree=None,
+        spectrum="uniform",
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+    ),
+    "image": dict(
+        dim=16,
+        tree=(8.0, 2.0, 0.5),
+        branch=4,
+        components=64,
+        scale=5.0,
+        min_scale=0.003,
+        spectrum="log_spaced",
+        beta_schedule="vp_sde",
+        sigma_min=0.002,
+        sigma_max=80.0,
+    ),
+}
+DEFAULT_PRESET = "image"
+# Each analytic model's preset when its config names none: gmm_flow keeps the classic mixture its tests,
+# benchmarks and baselines were made on (model.preset=image gives it the image mixture).
+MODEL_PRESETS = {"gmm": DEFAULT_PRESET, "gmm_flow": "classic"}
+
+
+def resolve_spec(fields: dict[str, Any]) -> MixtureSpec:
+    """The MixtureSpec of a preset (`preset`, default DEFAULT_PRESET) with the given non-null keys on top."""
+    name = fields.get("preset") or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise UsageError(f"model.preset={name} is unknown; choose one of {', '.join(PRESETS)}")
+    given = {k: v for k, v in fields.items() if v is not None and k != "preset"}
+    merged = {**PRESETS[name], **given, "preset": name}
+    if merged.get("tree") is not None:
+        merged["tree"] = tuple(float(v) for v in merged["tree"])
+        if "components" not in given:
+            merged["components"] = int(merged["branch"]) ** len(merged["tree"])
+    return MixtureSpec(**merged)
+
+
+def vp_sde_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n training levels of the VP SDE (Song et al. 2021, arXiv:2011.13456; beta_min 0.1, beta_max 20,
+    the schedule of EDM's VP models) between sigma_min and sigma_max, evenly spaced in its time t:
+    sigma(t)^2 = exp(beta_d t^2 / 2 + beta_min t) - 1, beta_d = 19.9."""
+    b_min, b_d = 0.1, 19.9
+
+    def t_of(s: float) -> float:
+        return (-b_min + math.sqrt(b_min**2 + 2 * b_d * math.log1p(s * s))) / b_d
+
+    t = np.linspace(t_of(sigma_min), t_of(sigma_max), n)
+    return np.sqrt(np.expm1(0.5 * b_d * t * t + b_min * t))
+
+
+def check_spec(spec: MixtureSpec) -> None:
+    """One-line errors for mixture keys a model cannot be built from."""
+    if spec.beta_schedule not in BETA_SCHEDULES:
+        raise UsageError(
+            f"model.beta_schedule={spec.beta_schedule} is not a diffusers beta schedule; "
+            f"choose one of {', '.join(BETA_SCHEDULES)}"
+        )
+    if spec.dim < 1 or spec.components < 1:
+        raise UsageError("model.dim and model.components must be positive integers")
+    if spec.spectrum not in SPECTRA:
+        raise UsageError(f"model.spectrum={spec.spectrum} is unknown; choose one of {', '.join(SPECTRA)}")
+    if not 0 < spec.min_scale <= spec.scale:
+        raise UsageError(
+            f"model.min_scale={spec.min_scale} and model.scale={spec.scale} must satisfy "
+            "0 < min_scale <= scale"
+        )
+    if spec.tree is not None:
+        if spec.branch < 1 or not spec.tree or any(not v >= 0 for v in spec.tree):
+            raise UsageError("model.tree must be a list of spreads >= 0 and model.branch a positive integer")
+        if spec.components != spec.branch ** len(spec.tree):
+            raise UsageError(
+                f"model.components={spec.components} does not match model.tree: a tree of {len(spec.tree)} "
+                f"levels with branch={spec.branch} has {spec.branch ** len(spec.tree)} components; "
+                "leave model.components unset"
+            )
+    if spec.beta_schedule == "vp_sde" and not 0 < spec.sigma_min < spec.sigma_max:
+        raise UsageError(
+            f"model.sigma_min={spec.sigma_min} and model.sigma_max={spec.sigma_max} must satisfy "
+            "0 < sigma_min < sigma_max"
+        )
+
+
+def draw_mixture(spec: MixtureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Means (K, D), eigenvectors (K, D, D; columns), standard deviations (K, D) and weights (K,) of the
+    mixture, from its seed. The classic draws (spectrum uniform, no tree) keep their order, so every
+    mixture made before presets existed is reproduced bit for bit."""
+    rng = np.random.default_rng(spec.seed)
+    d, k = spec.dim, spec.components
+    if spec.tree is None:
+        means = rng.normal(0.0, spec.spread, size=(k, d))
+    else:
+        means = np.zeros((1, d))
+        for spread in spec.tree:
+            children = rng.normal(0.0, spread, size=(len(means), spec.branch, d))
+            means = (means[:, None, :] + children).reshape(-1, d)
+    rotations = np.stack([np.linalg.qr(rng.normal(size=(d, d)))[0] for _ in range(k)])
+    if spec.spectrum == "uniform":
+        stds = np.exp(rng.uniform(np.log(spec.min_scale), np.log(spec.scale), size=(k, d)))
+    else:
+        spaced = np.exp(np.linspace(np.log(spec.scale), np.log(spec.min_scale), d))
+        stds = spaced[None] * np.exp(rng.uniform(-0.2, 0.2, size=(k, d)))
+    weights = rng.dirichlet(np.full(k, 5.0))
+    return means, rotations, stds, weights
 
 
 class GaussianMixtureModel:
@@ -58,40 +190,36 @@ class GaussianMixtureModel:
     cpu_threads = 1
 
     def __init__(self, spec: MixtureSpec, device: torch.device, dtype: torch.dtype = torch.float64):
-        if spec.beta_schedule not in BETA_SCHEDULES:
-            raise UsageError(
-                f"model.beta_schedule={spec.beta_schedule} is not a diffusers beta schedule; "
-                f"choose one of {', '.join(BETA_SCHEDULES)}"
-            )
-        if spec.dim < 1 or spec.components < 1:
-            raise UsageError("model.dim and model.components must be positive integers")
+        check_spec(spec)
         self.spec = spec
         self.name = "gmm"
         self.device = device
         self.dtype = dtype
         self.sample_shape = (spec.dim,)
         self.num_classes = spec.components
-        rng = np.random.default_rng(spec.seed)
-        d, k = spec.dim, spec.components
-        means = rng.normal(0.0, spec.spread, size=(k, d))
-        rotations = np.stack([np.linalg.qr(rng.normal(size=(d, d)))[0] for _ in range(k)])
-        stds = np.exp(rng.uniform(np.log(spec.min_scale), np.log(spec.scale), size=(k, d)))
-        weights = rng.dirichlet(np.full(k, 5.0))
+        means, rotations, stds, weights = draw_mixture(spec)
         f64 = dict(dtype=torch.float64, device=device)
         self.means = torch.tensor(means, **f64)
         self.rotations = torch.tensor(rotations, **f64)  # columns are eigenvectors of S_k
         self.eigenvalues = torch.tensor(stds**2, **f64)
         self.weights = torch.tensor(weights, **f64)
-        # diffusers builds the betas; every sampler then gets them as trained_betas, so any schedule
-        # DDPMScheduler knows works with every scheduler, and model and solver agree on each timestep.
-        ddpm = DDPMScheduler(
-            num_train_timesteps=spec.num_train_timesteps,
-            beta_start=spec.beta_start,
-            beta_end=spec.beta_end,
-            beta_schedule=spec.beta_schedule,
-        )
-        self._betas = ddpm.betas.numpy().copy()
-        self.alphas_cumprod = ddpm.alphas_cumprod.to(torch.float64)
+        if spec.beta_schedule == "vp_sde":
+            alphas_cumprod = 1 / (
+                1 + vp_sde_sigmas(spec.sigma_min, spec.sigma_max, spec.num_train_timesteps) ** 2
+            )
+            self._betas = 1 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
+            self.alphas_cumprod = torch.tensor(alphas_cumprod, dtype=torch.float64)
+        else:
+            # diffusers builds the betas; every sampler then gets them as trained_betas, so any schedule
+            # DDPMScheduler knows works with every scheduler, and model and solver agree on each timestep.
+            ddpm = DDPMScheduler(
+                num_train_timesteps=spec.num_train_timesteps,
+                beta_start=spec.beta_start,
+                beta_end=spec.beta_end,
+                beta_schedule=spec.beta_schedule,
+            )
+            self._betas = ddpm.betas.numpy().copy()
+            self.alphas_cumprod = ddpm.alphas_cumprod.to(torch.float64)
         self.noise_schedule = NoiseSchedule("vp_discrete", sigmas_from_alphas_cumprod(self.alphas_cumprod))
 
     def scheduler_config(self) -> dict[str, Any]:

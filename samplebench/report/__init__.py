@@ -57,6 +57,7 @@ NONFINITE = "nonfinite_frac"
 LOWER_IS_BETTER: dict[str, bool] = {
     "fd_exact": True,
     "traj_err": True,
+    "mmd_exact": True,
     "fid": True,
     "kid": True,
     "traj_mse": True,
