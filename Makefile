@@ -58,6 +58,7 @@ bench: install ## benchmarks (not tests); figures go to BENCHMARKS.md
 	$(BIN)/python bench/bench_timings.py --tree after=. --runs 2
 	$(BIN)/python bench/bench_vs_diffusers.py
 	$(BIN)/python bench/bench_schedules.py
+	$(BIN)/python bench/bench_calibration.py
 	$(BIN)/python bench/bench_papers.py  # the papers' samplers against their bases on the analytic model
 	$(BIN)/python bench/bench_features.py --n 1000 10000  # about an hour on 2 CPU cores
 	$(BIN)/python bench/bench_metrics_memory.py  # 10-30 min on 2 CPU cores (exact-ODE references of 110k samples)

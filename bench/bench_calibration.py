@@ -126,6 +126,19 @@ def rho(scores: dict, table_nfe: int, offset: int, column: int = 0) -> float:
     )
 
 
+def displaced(scores: dict, table_nfe: int, offset: int) -> str:
+    """The samplers ranked differently from the table (published rank -> ours), or 'none'."""
+    published = PUBLISHED[table_nfe]
+    theirs = sorted(published, key=published.get)
+    ours = sorted(published, key=lambda k: scores[(k, table_nfe + offset)][0])
+    moved = [
+        f"{k} {theirs.index(k) + 1} -> {ours.index(k) + 1}"
+        for k in theirs
+        if theirs.index(k) != ours.index(k)
+    ]
+    return "; ".join(moved) if moved else "none"
+
+
 def calibration_rows(preset: str, scores: dict) -> list[str]:
     rows = []
     for table_nfe in (5, 10):
@@ -186,6 +199,12 @@ def main() -> None:
     ]
     for preset in PRESETS:
         lines += calibration_rows(preset, scores[preset])
+    lines += ["", f"Where the default preset (`{DEFAULT_PRESET}`) departs from the published ranking:", ""]
+    for table_nfe in (5, 10):
+        for offset, protocol in ((0, "as run"), (1, "table protocol")):
+            lines.append(
+                f"- NFE {table_nfe}, {protocol}: " + displaced(scores[DEFAULT_PRESET], table_nfe, offset)
+            )
     lines += [
         "",
         f"The cells behind it ({args.samples} samples each): mmd_exact [95% CI] / traj_err.",

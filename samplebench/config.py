@@ -319,6 +319,21 @@ def validate(c: dict[str, Any]) -> None:
             f"metric {unknown[0]} is unknown{_suggest(str(unknown[0]), list(ALL))}; "
             f"choose from {', '.join(ALL)}"
         )
+    from samplebench.models import is_analytic, mixture_spec
+
+    model = c.get("model") or {}
+    if is_analytic(str(model.get("name"))):
+        # The analytic model's preset and keys, checked before anything is planned or written.
+        from samplebench.models.gmm import check_spec
+
+        check_spec(mixture_spec(model))
+    width = ((c.get("metrics") or {}).get("mmd") or {}).get("bandwidth", "auto")
+    if width not in (None, "auto") and (
+        isinstance(width, bool) or not isinstance(width, int | float) or not width > 0
+    ):
+        raise UsageError(
+            f"metrics.mmd.bandwidth={width} must be auto or a positive number (mmd_exact's kernel width)"
+        )
     if not is_int(c.get("workers", 1)) or c.get("workers", 1) < 1:
         raise UsageError(f"workers={c.get('workers')} must be a positive integer (local worker processes)")
     timing = c.get("timing") or {}

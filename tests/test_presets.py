@@ -86,6 +86,18 @@ def test_unknown_preset_is_one_line(tmp_path):
     assert r.returncode == 2
     assert "model.preset=nope is unknown; choose one of classic, image" in r.stderr
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "default").exists()  # refused before anything was planned or generated
+    r = cli(
+        "sweep",
+        "metrics.mmd.bandwidth=-1",
+        "nfe=5",
+        "sampler=ddim",
+        "num_images=8",
+        f"results_dir={tmp_path}",
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "metrics.mmd.bandwidth=-1 must be auto or a positive number" in r.stderr
+    assert not (tmp_path / "default").exists()  # refused before anything was generated
 
 
 def _metrics(tmp_path, run: str, *args: str) -> pd.DataFrame:
