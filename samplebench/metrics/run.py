@@ -187,7 +187,7 @@ def _score_gmm(
     against_exact = [m for m in ("traj_err", "mmd_exact") if m in names]
     if against_exact:
         try:
-            _traj_err_rows(out, cell, model, info, cache_dir, rtol, reps, floors_out, names, cfg)
+            _exact_reference_rows(out, cell, model, info, cache_dir, rtol, reps, floors_out, names, cfg)
         except ReferenceSolveError as e:
             nan = float("nan")
             for metric in against_exact:
@@ -197,7 +197,7 @@ def _score_gmm(
     return out
 
 
-def _traj_err_rows(
+def _exact_reference_rows(
     out: Any,
     cell: store.CellRecord,
     model: Any,

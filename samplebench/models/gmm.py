@@ -39,7 +39,7 @@ class MixtureSpec:
 
     dim: int = 16
     components: int = 8
-    spread: float = 3.0  # standard deviation of the component means (of the top level of `tree`)
+    spread: float = 3.0  # standard deviation of the component means (unused when `tree` is set)
     scale: float = 1.0  # largest standard deviation inside a component
     min_scale: float = 0.5  # smallest standard deviation inside a component
     seed: int = 0
@@ -61,8 +61,8 @@ class MixtureSpec:
     sigma_max: float = 80.0
 
 
-# Named mixtures (`model.preset=`). `classic` is the mixture of samplebench <= 0.x: its draws are
-# unchanged, so results and baselines made before presets existed are reproduced with
+# Named mixtures (`model.preset=`). `classic` is the mixture model=gmm had before presets existed: its
+# draws are unchanged, so results and baselines made before presets existed are reproduced with
 # model.preset=classic. `image` is the default: built so that samplers rank as they do on image models
 # (bench/bench_calibration.py, BENCHMARKS.md "Calibration"): structure at every noise level (a tree of
 # means and log-spaced component spectra), on EDM's VP noise range [0.002, 80].
@@ -129,8 +129,8 @@ def check_spec(spec: MixtureSpec) -> None:
     """One-line errors for mixture keys a model cannot be built from."""
     if spec.beta_schedule not in BETA_SCHEDULES:
         raise UsageError(
-            f"model.beta_schedule={spec.beta_schedule} is not a diffusers beta schedule; "
-            f"choose one of {', '.join(BETA_SCHEDULES)}"
+            f"model.beta_schedule={spec.beta_schedule} is unknown; choose vp_sde or a diffusers beta "
+            f"schedule: {', '.join(b for b in BETA_SCHEDULES if b != 'vp_sde')}"
         )
     if spec.dim < 1 or spec.components < 1:
         raise UsageError("model.dim and model.components must be positive integers")
