@@ -32,15 +32,13 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_generate import machine, write_section  # noqa: E402
+from bench_schedules import run  # noqa: E402
 
 from samplebench.metrics.analytic import coupled_mmd, mmd_bandwidth  # noqa: E402
 from samplebench.metrics.reference import solve_with_floor  # noqa: E402
 from samplebench.metrics.stats import mean_ci  # noqa: E402
 from samplebench.models.gmm import DEFAULT_PRESET, PRESETS, GaussianMixtureModel, resolve_spec  # noqa: E402
-from samplebench.samplers import SAMPLERS  # noqa: E402
-from samplebench.samplers.base import CountingDenoiser, guided_denoiser  # noqa: E402
-from samplebench.schedules import make_grid  # noqa: E402
-from samplebench.seeds import initial_noise, sampler_generators  # noqa: E402
+from samplebench.seeds import initial_noise  # noqa: E402
 
 # (label, sampler, schedule, options over conf/sampler/<sampler>.yaml): the table's solvers and settings
 # (diff-solvers-main/README.md, "General Settings").
@@ -68,28 +66,6 @@ PUBLISHED = {
 HEADING = "## Calibration: analytic presets against the published CIFAR-10 ranking"
 
 
-def _options(name: str, extra: dict) -> dict:
-    from omegaconf import OmegaConf
-
-    from samplebench.config import conf_dir
-
-    cfg = OmegaConf.to_container(OmegaConf.load(conf_dir() / "sampler" / f"{name}.yaml"))
-    cfg.pop("name")
-    return {**cfg, **extra}
-
-
-def run_cell(model, name: str, schedule: dict, extra: dict, nfe: int, idx: list[int], x_T) -> tuple:
-    """One cell through the sampler registry, as the generation worker runs it; returns samples, NFE spent."""
-    spec, opts = SAMPLERS[name], _options(name, extra)
-    rule = spec.rule(opts, schedule)
-    steps = rule.steps(nfe, name, allow_lower=True)
-    grid = make_grid(schedule, model.noise_schedule, steps)
-    denoise = CountingDenoiser(guided_denoiser(model, model.conditions(idx, 0), 1.0))
-    x = model.noise_schedule.initial_state(x_T, float(grid.sigmas[0]))
-    out = spec.run(denoise, x, grid, opts, sampler_generators(0, idx))
-    return out, rule.nfe(steps)
-
-
 def score_preset(preset: str, samples: int, seed: int | None = None) -> dict:
     """{(label, nfe): (mmd, lo, hi, traj_err, nfe spent)} for one preset (and another mixture seed)."""
     fields = {"preset": preset} if seed is None else {"preset": preset, "seed": seed}
@@ -102,7 +78,7 @@ def score_preset(preset: str, samples: int, seed: int | None = None) -> dict:
     out = {}
     for label, name, schedule, extra in TABLE:
         for nfe in (5, 6, 10, 11):
-            x, spent = run_cell(model, name, schedule, extra, nfe, idx, x_T)
+            x, spent, _ = run(model, name, schedule, nfe, idx, x_T=x_T, options=extra)
             x = x.numpy()
             value, psi = coupled_mmd(x, ref, h)
             _, lo, hi = mean_ci(psi, 1000)

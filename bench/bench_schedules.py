@@ -38,19 +38,32 @@ SCHEDULE_NAMES = ["karras", "time_uniform", "time_quadratic", "logsnr", "ays", "
 TWINS = ["euler", "heun", "lms", "dpm", "dpmpp", "dpmpp_3m", "unipc", "deis", "ddim"]
 
 
-def _options(name: str) -> dict:
+def _options(name: str, extra: dict | None = None) -> dict:
+    """conf/sampler/<name>.yaml's options, with `extra` on top."""
     from omegaconf import OmegaConf
 
     from samplebench.config import conf_dir
 
     cfg = OmegaConf.to_container(OmegaConf.load(conf_dir() / "sampler" / f"{name}.yaml"))
     cfg.pop("name")
-    return cfg
+    return {**cfg, **(extra or {})}
 
 
-def run(model, name: str, schedule: str, nfe: int, idx: list[int], denoise=None, x_T=None):
-    spec, opts = SAMPLERS[name], _options(name)
-    sched = {"name": schedule}
+def run(
+    model,
+    name: str,
+    schedule: str | dict,
+    nfe: int,
+    idx: list[int],
+    denoise=None,
+    x_T=None,
+    options: dict | None = None,
+):
+    """One cell through the sampler registry, as the generation worker runs it (the nearest lower NFE
+    when `nfe` cannot be spent exactly): samples, NFE spent, steps. `schedule` is a name or a schedule
+    config; `options` go over the sampler's conf file."""
+    spec, opts = SAMPLERS[name], _options(name, options)
+    sched = {"name": schedule} if isinstance(schedule, str) else dict(schedule)
     rule = spec.rule(opts, sched)
     steps = rule.steps(nfe, name, allow_lower=True)
     grid = make_grid(sched, model.noise_schedule, steps)
